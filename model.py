@@ -1,0 +1,557 @@
+"""
+The Hierarchical Reasoning Model (HRM) and its Adaptive Computation Time (ACT) wrapper, in one file.
+
+HRM (Wang et al. 2025, arXiv 2506.21734) is a recurrent transformer with two modules: L, fast and detailed,
+takes L_cycles steps for every step of H, slow and abstract; H runs H_cycles steps. The input is injected
+into L at every step. Only the last L step and the last H step of a forward pass carry gradient (the
+"1-step gradient"). ACT runs that forward pass as repeated segments on a carried state, detached between
+segments (deep supervision), and a Q head learns when to stop.
+
+This file computes the same functions as the original implementation (github.com/sapientinc/HRM):
+test_model.py checks it against that code's recorded outputs, and load_reference_checkpoint reads its
+checkpoints. Read it top to bottom: layers, the config, the model (embeddings, the H/L recurrence, the ACT
+segment, the loss), the optimizers, then loading the original's checkpoints.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+from kernels import attention, add_rms_norm
+
+IGNORE_LABEL_ID = -100  # labels with this value are not scored
+
+# -----------------------------------------------------------------------------
+# layers
+
+
+@torch.no_grad()
+def trunc_normal_(tensor, std=1.0, lower=-2.0, upper=2.0):
+    """Normal truncated to [lower, upper] standard deviations whose std really is `std`, as JAX's truncated
+    LeCun init (the original's). torch.nn.init.trunc_normal_ truncates without rescaling, so its std falls short."""
+    if std == 0:
+        return tensor.zero_()
+    pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    mass = cdf(upper) - cdf(lower)
+    truncated_var = 1 + (lower * pdf(lower) - upper * pdf(upper)) / mass - ((pdf(lower) - pdf(upper)) / mass) ** 2
+    scale = std / math.sqrt(truncated_var)
+    # inverse-CDF sampling: uniform over the truncated range of erf, mapped back through erfinv
+    tensor.uniform_(2 * cdf(lower) - 1, 2 * cdf(upper) - 1).erfinv_().mul_(math.sqrt(2) * scale)
+    return tensor.clamp_(lower * scale, upper * scale)
+
+
+class CastedLinear(nn.Linear):
+    """nn.Linear with float32 master weights, cast to the input's dtype (bfloat16) when used."""
+
+    def reset_parameters(self):
+        trunc_normal_(self.weight, std=self.in_features ** -0.5)  # truncated LeCun normal
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class CastedEmbedding(nn.Embedding):
+    """nn.Embedding with float32 master weights, looked up in the compute dtype."""
+
+    def __init__(self, num_embeddings, embedding_dim, init_std, cast_to):
+        super().__init__(num_embeddings, embedding_dim)
+        trunc_normal_(self.weight, std=init_std)
+        self.cast_to = cast_to
+
+    def forward(self, idx):
+        return F.embedding(idx, self.weight.to(self.cast_to))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of rotary position embedding (float32, halves duplicated: the rotate-half layout),
+    looked up at explicit position_ids so that a window need not start at 0 or fill the maximum length."""
+
+    def __init__(self, head_dim, max_positions, base):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, position_ids):
+        # position_ids: (T,) shared by the batch, or (B, T) per sequence -> tables of shape (..., T, head_dim)
+        return self.cos[position_ids], self.sin[position_ids]
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention; the kernel applies RoPE to q and k."""
+
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv_proj = CastedLinear(hidden_size, 3 * hidden_size, bias=False)
+        self.o_proj = CastedLinear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, x, cos_sin):
+        B, T, C = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        y = attention(q, k, v, *cos_sin) if cos_sin is not None else attention(q, k, v)
+        return self.o_proj(y.reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+
+    def __init__(self, hidden_size, expansion):
+        super().__init__()
+        # 2/3 of expansion * hidden keeps the parameter count of a plain MLP; rounded up to a multiple of 256
+        inter = 256 * math.ceil(round(expansion * hidden_size * 2 / 3) / 256)
+        self.gate_up_proj = CastedLinear(hidden_size, 2 * inter, bias=False)
+        self.down_proj = CastedLinear(inter, hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Post-norm transformer block: x = norm(x + attn(x)); x = norm(x + mlp(x)), RMSNorm without weights."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = Attention(config.hidden_size, config.num_heads)
+        self.mlp = SwiGLU(config.hidden_size, config.expansion)
+        self.eps = config.rms_norm_eps
+
+    def forward(self, x, cos_sin):
+        x = add_rms_norm(x, self.self_attn(x, cos_sin), self.eps)
+        return add_rms_norm(x, self.mlp(x), self.eps)
+
+
+class ReasoningModule(nn.Module):
+    """One recurrent module, H or L: add the injected input to the state, then a stack of blocks."""
+
+    def __init__(self, config, num_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config) for _ in range(num_layers))
+
+    def forward(self, z, injection, cos_sin):
+        z = z + injection
+        for layer in self.layers:
+            z = layer(z, cos_sin)
+        return z
+
+
+class PuzzleEmbedding(nn.Module):
+    """A learned embedding per puzzle identifier, trained sparsely: only the batch's rows get a gradient
+    and an update (by PuzzleEmbeddingSignSGD).
+
+    The table is a buffer, not a parameter, so that the dense optimizer never decays the rows a batch does
+    not use. In training the batch's rows are copied into `local_weights`, a fixed-size leaf that collects
+    their gradient, and their ids into `local_ids`; fixed sizes keep torch.compile's graph static.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, batch_size, cast_to):
+        super().__init__()
+        self.cast_to = cast_to
+        self.register_buffer("weights", torch.zeros(num_embeddings, embedding_dim))  # zero init
+        self.register_buffer("local_weights", torch.zeros(batch_size, embedding_dim, requires_grad=True),
+                             persistent=False)
+        self.register_buffer("local_ids", torch.zeros(batch_size, dtype=torch.int32), persistent=False)
+
+    def forward(self, ids):
+        if not self.training:
+            return self.weights[ids].to(self.cast_to)
+        if ids.shape[0] != self.local_ids.shape[0]:
+            raise ValueError(f"training batch has {ids.shape[0]} sequences but the puzzle embedding was built "
+                             f"for batch_size={self.local_ids.shape[0]} (set HRMConfig.batch_size)")
+        with torch.no_grad():
+            self.local_weights.copy_(self.weights[ids])
+            self.local_ids.copy_(ids)
+        return self.local_weights.to(self.cast_to)
+
+    def _apply(self, fn, recurse=True):
+        # Module._apply moves buffers under autograd, which would turn local_weights into a non-leaf copy
+        # whose .grad never fills; move without autograd and make it a leaf again.
+        with torch.no_grad():
+            super()._apply(fn, recurse)
+        self.local_weights.requires_grad_(True)
+        return self
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class HRMConfig:
+    vocab_size: int = 11            # Sudoku: PAD, blank, digits 1-9
+    seq_len: int = 81               # tokens per puzzle, not counting puzzle-embedding tokens
+    puzzle_emb_ndim: int = 0        # width of the per-puzzle embedding; 0 = none
+    num_puzzle_identifiers: int = 1
+    batch_size: int = 384           # sequences per process in training (sizes the puzzle embedding's buffers)
+    H_cycles: int = 2
+    L_cycles: int = 2
+    H_layers: int = 4
+    L_layers: int = 4
+    hidden_size: int = 512
+    expansion: float = 4.0
+    num_heads: int = 8
+    pos_encodings: str = "rope"     # 'rope' or 'learned'
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    halt_max_steps: int = 16        # ACT segments at most; may be raised at inference
+    halt_exploration_prob: float = 0.1
+    forward_dtype: str = "bfloat16"
+    loss_type: str = "stablemax"    # 'stablemax' or 'softmax'
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.pos_encodings not in ("rope", "learned"):
+            raise ValueError(f"pos_encodings must be 'rope' or 'learned', got {self.pos_encodings!r}")
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, got {self.loss_type!r}")
+
+
+@dataclass
+class Carry:
+    """What ACT carries from one segment to the next, per sequence."""
+    z_H: torch.Tensor           # (B, T, C) H state
+    z_L: torch.Tensor           # (B, T, C) L state
+    steps: torch.Tensor         # (B,) int32 segments run on the current example
+    halted: torch.Tensor        # (B,) bool: the example is done; the next segment starts a new one
+    current_data: dict          # the batch entries of the example each sequence is working on
+
+
+class HRM(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.forward_dtype = getattr(torch, config.forward_dtype)
+        C = config.hidden_size
+        # token embeddings are initialised at std 1/sqrt(C) and scaled back up by sqrt(C) in use
+        self.embed_scale = math.sqrt(C)
+        self.embed_tokens = CastedEmbedding(config.vocab_size, C, 1 / self.embed_scale, self.forward_dtype)
+        self.lm_head = CastedLinear(C, config.vocab_size, bias=False)
+        self.q_head = CastedLinear(C, 2, bias=True)  # (halt, continue) logits, read at the first position
+
+        # the puzzle embedding is prepended as ceil(puzzle_emb_ndim / C) extra tokens, zero-padded
+        self.puzzle_emb_len = -(config.puzzle_emb_ndim // -C)
+        if config.puzzle_emb_ndim > 0:
+            self.puzzle_emb = PuzzleEmbedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim,
+                                              config.batch_size, self.forward_dtype)
+        max_positions = config.seq_len + self.puzzle_emb_len
+        if config.pos_encodings == "rope":
+            self.rotary_emb = RotaryEmbedding(C // config.num_heads, max_positions, config.rope_theta)
+        else:
+            self.embed_pos = CastedEmbedding(max_positions, C, 1 / self.embed_scale, self.forward_dtype)
+
+        self.H_level = ReasoningModule(config, config.H_layers)
+        self.L_level = ReasoningModule(config, config.L_layers)
+        # the states every example starts from (fixed random vectors, not trained)
+        self.register_buffer("H_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
+        self.register_buffer("L_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
+
+        # Q starts near "never halt" (sigmoid(-5) ~ 0.007) so that early training is not cut short
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # --- one segment: embeddings and the H/L recurrence
+
+    def embed_inputs(self, inputs, puzzle_identifiers, position_ids):
+        x = self.embed_tokens(inputs.to(torch.int32))
+        if self.config.puzzle_emb_ndim > 0:
+            C = self.config.hidden_size
+            puzzle = self.puzzle_emb(puzzle_identifiers)
+            puzzle = F.pad(puzzle, (0, self.puzzle_emb_len * C - puzzle.shape[-1]))
+            x = torch.cat((puzzle.view(-1, self.puzzle_emb_len, C), x), dim=-2)
+        if self.config.pos_encodings == "learned":
+            # the 1/sqrt(2) keeps the variance of the sum of two unit-variance embeddings
+            x = 0.707106781 * (x + self.embed_pos(position_ids))
+        return self.embed_scale * x
+
+    def reason(self, z_H, z_L, data):
+        """One segment of the H/L recurrence from state (z_H, z_L) on `data`.
+        Returns the new state (detached), the token logits and the Q (halt, continue) logits."""
+        config = self.config
+        T = data["inputs"].shape[1] + self.puzzle_emb_len
+        position_ids = data.get("position_ids", torch.arange(T, device=z_H.device))
+        cos_sin = self.rotary_emb(position_ids) if config.pos_encodings == "rope" else None
+        x = self.embed_inputs(data["inputs"], data["puzzle_identifiers"], position_ids)
+
+        # H_cycles x L_cycles steps of L, an H step after every L_cycles of them; all but the final L step
+        # and the final H step run without gradient (the 1-step gradient approximation)
+        with torch.no_grad():
+            for h_step in range(config.H_cycles):
+                for l_step in range(config.L_cycles):
+                    if not (h_step == config.H_cycles - 1 and l_step == config.L_cycles - 1):
+                        z_L = self.L_level(z_L, z_H + x, cos_sin)
+                if h_step < config.H_cycles - 1:
+                    z_H = self.H_level(z_H, z_L, cos_sin)
+        z_L = self.L_level(z_L, z_H + x, cos_sin)
+        z_H = self.H_level(z_H, z_L, cos_sin)
+
+        logits = self.lm_head(z_H)[:, self.puzzle_emb_len:]
+        q_logits = self.q_head(z_H[:, 0]).float()
+        return z_H.detach(), z_L.detach(), logits, q_logits[..., 0], q_logits[..., 1]
+
+    # --- ACT: a segment for every sequence, halting, the Q target
+
+    def initial_carry(self, batch):
+        """A carry in which every sequence has halted, so the first segment takes its data from the batch."""
+        inputs = batch["inputs"]
+        B, T = inputs.shape[0], inputs.shape[1] + self.puzzle_emb_len
+        z = torch.zeros(B, T, self.config.hidden_size, dtype=self.forward_dtype, device=inputs.device)
+        return Carry(z_H=z, z_L=z.clone(),
+                     steps=torch.zeros(B, dtype=torch.int32, device=inputs.device),
+                     halted=torch.ones(B, dtype=torch.bool, device=inputs.device),
+                     current_data={k: torch.zeros_like(v) for k, v in batch.items()})
+
+    def forward(self, carry, batch):
+        """Run one ACT segment for every sequence of the batch.
+
+        Sequences that halted in the previous segment restart from (H_init, L_init) on their example in
+        `batch`; the others continue on the example they hold. Returns (carry, loss, metrics, outputs);
+        loss and metrics are None and {} when the batch has no labels.
+        """
+        config = self.config
+        halted = carry.halted
+        z_H = torch.where(halted.view(-1, 1, 1), self.H_init, carry.z_H)
+        z_L = torch.where(halted.view(-1, 1, 1), self.L_init, carry.z_L)
+        steps = torch.where(halted, 0, carry.steps)
+        data = {k: torch.where(halted.view((-1,) + (1,) * (v.ndim - 1)), batch[k], v)
+                for k, v in carry.current_data.items()}
+
+        z_H, z_L, logits, q_halt_logits, q_continue_logits = self.reason(z_H, z_L, data)
+        outputs = dict(logits=logits, q_halt_logits=q_halt_logits, q_continue_logits=q_continue_logits)
+
+        with torch.no_grad():
+            steps = steps + 1
+            is_last_step = steps >= config.halt_max_steps
+            halted = is_last_step
+            # in evaluation every sequence runs halt_max_steps segments, so a batch halts together
+            if self.training and config.halt_max_steps > 1:
+                halted = halted | (q_halt_logits > q_continue_logits)
+                # exploration: with probability halt_exploration_prob, a random minimum number of segments
+                explore = torch.rand_like(q_halt_logits) < config.halt_exploration_prob
+                min_halt_steps = explore * torch.randint_like(steps, low=2, high=config.halt_max_steps + 1)
+                halted = halted & (steps >= min_halt_steps)
+                # Q-continue's target is the value of the next segment, bootstrapped from a second pass (no
+                # replay buffer or target network: a large batch is many parallel environments, as in PQN)
+                _, _, _, next_q_halt, next_q_continue = self.reason(z_H, z_L, data)
+                outputs["target_q_continue"] = torch.sigmoid(
+                    torch.where(is_last_step, next_q_halt, torch.maximum(next_q_halt, next_q_continue)))
+
+        carry = Carry(z_H=z_H, z_L=z_L, steps=steps, halted=halted, current_data=data)
+        if "labels" not in data:
+            return carry, None, {}, outputs
+        loss, metrics = self.act_loss(carry, outputs)
+        return carry, loss, metrics, outputs
+
+    # --- the loss
+
+    def act_loss(self, carry, outputs):
+        """Token loss, normalised per sequence, plus 0.5 x the two Q losses: Q-halt against whole-sequence
+        correctness, Q-continue against the bootstrapped target. Losses are sums over the batch (divide by
+        the global batch size before backward). Metrics are sums over the sequences that halted."""
+        labels = carry.current_data["labels"]
+        logits, q_halt_logits = outputs["logits"], outputs["q_halt_logits"]
+        with torch.no_grad():
+            mask = labels != IGNORE_LABEL_ID
+            loss_counts = mask.sum(-1)
+            loss_divisor = loss_counts.clamp_min(1).unsqueeze(-1)
+            is_correct = mask & (logits.argmax(-1) == labels)
+            seq_is_correct = is_correct.sum(-1) == loss_counts
+            valid = carry.halted & (loss_counts > 0)
+            metrics = dict(
+                count=valid.sum(),
+                accuracy=torch.where(valid, (is_correct.float() / loss_divisor).sum(-1), 0).sum(),
+                exact_accuracy=(valid & seq_is_correct).sum(),
+                q_halt_accuracy=(valid & ((q_halt_logits >= 0) == seq_is_correct)).sum(),
+                steps=torch.where(valid, carry.steps, 0).sum(),
+            )
+
+        lm_loss = (LOSSES[self.config.loss_type](logits, labels) / loss_divisor).sum()
+        q_halt_loss = F.binary_cross_entropy_with_logits(q_halt_logits, seq_is_correct.to(q_halt_logits.dtype),
+                                                         reduction="sum")
+        metrics.update(lm_loss=lm_loss.detach(), q_halt_loss=q_halt_loss.detach())
+        q_continue_loss = 0
+        if "target_q_continue" in outputs:
+            q_continue_loss = F.binary_cross_entropy_with_logits(outputs["q_continue_logits"],
+                                                                 outputs["target_q_continue"], reduction="sum")
+            metrics["q_continue_loss"] = q_continue_loss.detach()
+        return lm_loss + 0.5 * (q_halt_loss + q_continue_loss), metrics
+
+    # --- optimizers
+
+    def configure_optimizers(self, learning_rate, weight_decay, betas, puzzle_emb_lr, puzzle_emb_weight_decay,
+                             optimizer="adam_atan2"):
+        """The dense optimizer over every parameter (weight decay on all, as the original) and the SignSGD
+        optimizer of the sparse puzzle embedding, or None without one. Returns (dense, sparse)."""
+        params = list(self.parameters())
+        if optimizer == "adam_atan2":
+            dense = AdamAtan2(params, lr=learning_rate, betas=betas, weight_decay=weight_decay)
+        elif optimizer == "adamw":
+            dense = torch.optim.AdamW(params, lr=learning_rate, betas=betas, weight_decay=weight_decay,
+                                      fused=params[0].is_cuda)
+        else:
+            raise ValueError(f"optimizer must be 'adam_atan2' or 'adamw', got {optimizer!r}")
+        sparse = None
+        if self.config.puzzle_emb_ndim > 0:
+            sparse = PuzzleEmbeddingSignSGD(self.puzzle_emb, lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay)
+        return dense, sparse
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def log_stablemax(x, dim=-1):
+    # stablemax replaces exp with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below: linear growth, no overflow
+    s = torch.where(x < 0, 1 / (1 - x + 1e-30), x + 1)
+    return torch.log(s / s.sum(dim=dim, keepdim=True))
+
+
+def stablemax_cross_entropy(logits, labels):
+    """Per-token loss, 0 where the label is IGNORE_LABEL_ID; computed in float64 as the original does."""
+    logprobs = log_stablemax(logits.to(torch.float64))
+    valid = labels != IGNORE_LABEL_ID
+    picked = logprobs.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    return -torch.where(valid, picked, 0)
+
+
+def softmax_cross_entropy(logits, labels):
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.long().flatten(),
+                           ignore_index=IGNORE_LABEL_ID, reduction="none").view(labels.shape)
+
+
+LOSSES = {"stablemax": stablemax_cross_entropy, "softmax": softmax_cross_entropy}
+
+# -----------------------------------------------------------------------------
+# optimizers
+
+
+class AdamAtan2(torch.optim.Optimizer):
+    """Adam with atan2 in place of the epsilon division (Everett et al. 2024), as the original HRM trains:
+
+        m = lerp(m, g, 1 - beta1);  v = lerp(v, g^2, 1 - beta2)
+        p = p * (1 - lr * weight_decay) - lr * atan2(m / (1 - beta1^t), sqrt(v / (1 - beta2^t)))
+
+    atan2(a, b) ~ a / b where |a| << b and is bounded by pi/2, so there is no epsilon to tune."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, weight_decay = group["lr"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.lerp_(p.grad.square(), 1 - beta2)
+                p.mul_(1 - lr * weight_decay)
+                update = torch.atan2(m / (1 - beta1 ** t), v.sqrt() / math.sqrt(1 - beta2 ** t))
+                p.add_(update, alpha=-lr)
+
+
+class PuzzleEmbeddingSignSGD(torch.optim.Optimizer):
+    """SignSGD with decoupled weight decay on the rows of a PuzzleEmbedding that the last batch used
+    (for gradients this sparse Adam's update is close to the sign anyway). Under torch.distributed every
+    rank gathers all ranks' ids and gradients and sums those of duplicate ids before taking the sign, so
+    every rank applies the same update to its copy of the table."""
+
+    def __init__(self, puzzle_emb, lr=1e-2, weight_decay=0.1):
+        super().__init__([puzzle_emb.weights], dict(lr=lr, weight_decay=weight_decay))
+        self.puzzle_emb = puzzle_emb
+
+    @torch.no_grad()
+    def step(self):
+        grad, ids = self.puzzle_emb.local_weights.grad, self.puzzle_emb.local_ids
+        if grad is None:
+            return
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            all_grad = grad.new_empty((world * grad.shape[0], grad.shape[1]))
+            all_ids = ids.new_empty(world * ids.shape[0])
+            dist.all_gather_into_tensor(all_grad, grad.contiguous())
+            dist.all_gather_into_tensor(all_ids, ids)
+            grad, ids = all_grad, all_ids
+        unique_ids, inverse = ids.unique(return_inverse=True)
+        summed = grad.new_zeros(unique_ids.shape[0], grad.shape[1]).index_add_(0, inverse, grad)
+        for group in self.param_groups:
+            weights = group["params"][0]
+            rows = weights[unique_ids] * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * summed.sign()
+            weights[unique_ids] = rows
+
+    def zero_grad(self, set_to_none=True):
+        self.puzzle_emb.local_weights.grad = None
+
+
+# -----------------------------------------------------------------------------
+# checkpoints of the original implementation (github.com/sapientinc/HRM)
+
+REFERENCE_LOSS_TYPES = {"stablemax_cross_entropy": "stablemax", "softmax_cross_entropy": "softmax"}
+REFERENCE_IGNORED_KEYS = {"name", "causal"}  # the class to load; always False for HRM
+
+
+def config_from_reference(reference_config, **overrides):
+    """HRMConfig from the original's config: its flat model config dict, or a whole training config
+    (all_config.yaml loaded as a dict) holding it under 'arch'. The dataset-derived fields (seq_len,
+    vocab_size, num_puzzle_identifiers, batch_size) are not in all_config.yaml: pass them as overrides."""
+    flat = dict(reference_config.get("arch", reference_config))
+    flat.update(overrides)
+    loss = flat.pop("loss", None)
+    if isinstance(loss, dict):
+        flat.setdefault("loss_type", loss.get("loss_type", "stablemax_cross_entropy"))
+    if "loss_type" in flat:
+        flat["loss_type"] = REFERENCE_LOSS_TYPES.get(flat["loss_type"], flat["loss_type"])
+    known = {f.name for f in fields(HRMConfig)}
+    unknown = sorted(k for k in flat if k not in known and k not in REFERENCE_IGNORED_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys in the reference config: {', '.join(unknown)}")
+    return HRMConfig(**{k: v for k, v in flat.items() if k in known})
+
+
+def convert_reference_state_dict(state_dict):
+    """Rename the original's state-dict keys to this model's: drop the prefixes of torch.compile
+    ('_orig_mod.'), its loss head ('model.') and ACT wrapper ('inner.'); its embeddings' 'embedding_weight'
+    is our 'weight'. Everything else has the same name here."""
+    converted = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("_orig_mod.").removeprefix("model.").removeprefix("inner.")
+        converted[name.replace("embedding_weight", "weight")] = value
+    return converted
+
+
+def load_reference_checkpoint(state_dict, reference_config, **overrides):
+    """An HRM holding the weights of a checkpoint saved by the original implementation. `state_dict` is
+    the loaded checkpoint (or its path); keys missing or left over are an error that names them."""
+    if isinstance(state_dict, str):
+        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
+    model = HRM(config_from_reference(reference_config, **overrides))
+    converted = convert_reference_state_dict(state_dict)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model: missing {missing or 'none'}, "
+                       f"unexpected {unexpected or 'none'}")
+    model.load_state_dict(converted)
+    return model
