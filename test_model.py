@@ -416,3 +416,203 @@ def test_signsgd_sums_duplicate_ids_across_ranks():
         mp.spawn(_signsgd_rank, args=(2, port, grads, ids, table, result), nprocs=2)
         for rank in range(2):
             assert torch.equal(result[rank], expected), f"rank {rank}"
+
+# -----------------------------------------------------------------------------
+# end to end: train.py, sample.py, configurator.py (subprocesses on small data)
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+import prepare_sudoku
+
+TINY_MODEL = ["--hidden_size=32", "--num_heads=2", "--H_layers=1", "--L_layers=1", "--H_cycles=1", "--L_cycles=2",
+              "--compile=False", "--device=cpu", "--dtype=float32"]
+
+
+def run_script(script, args, cwd, nproc=0, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, os.path.join(HERE, script)] + args
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   os.path.join(HERE, script)] + args
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def write_dataset(path, inputs, labels):
+    """A split in the original implementation's layout, one example per puzzle and group."""
+    os.makedirs(path)
+    n = len(inputs)
+    np.save(os.path.join(path, "all__inputs.npy"), inputs.astype(np.uint8))
+    np.save(os.path.join(path, "all__labels.npy"), labels.astype(np.uint8))
+    np.save(os.path.join(path, "all__puzzle_identifiers.npy"), np.zeros(n, np.int32))
+    np.save(os.path.join(path, "all__puzzle_indices.npy"), np.arange(n + 1, dtype=np.int32))
+    np.save(os.path.join(path, "all__group_indices.npy"), np.arange(n + 1, dtype=np.int32))
+    with open(os.path.join(path, "dataset.json"), "w") as f:
+        json.dump(dict(pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=11, seq_len=inputs.shape[1],
+                       num_puzzle_identifiers=1, total_groups=n, mean_puzzle_examples=1, sets=["all"]), f)
+
+
+@pytest.fixture(scope="module")
+def reverse_task(tmp_path_factory):
+    """A small task an HRM learns in seconds on a CPU: print 12 digits in reverse order."""
+    root = tmp_path_factory.mktemp("reverse")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2000), ("test", 256)):
+        digits = rng.integers(2, 11, (n, 12))
+        write_dataset(os.path.join(root, "data", "reverse", split), digits, digits[:, ::-1])
+    return root
+
+
+def read_eval_log(out_dir):
+    with open(os.path.join(out_dir, "eval_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_hrm_learns_a_task(reverse_task, tmp_path):
+    out = str(tmp_path / "out")
+    run_script("train.py", ["--dataset=reverse", f"--out_dir={out}", "--global_batch_size=32", "--hidden_size=64",
+                            "--puzzle_emb_ndim=0", "--halt_max_steps=2", "--learning_rate=1e-3", "--warmup_steps=20",
+                            "--weight_decay=0.1", "--max_steps=500", "--eval_interval=500"] + TINY_MODEL[1:],
+               cwd=reverse_task)
+    final = read_eval_log(out)[-1]
+    assert final["step"] == 500
+    assert final["accuracy"] > 0.3, final  # chance is 1/9 per digit
+
+
+RESUME_ARGS = ["--dataset=reverse", "--global_batch_size=8", "--puzzle_emb_ndim=32", "--halt_max_steps=3",
+               "--halt_exploration_prob=0.5", "--learning_rate=1e-3", "--warmup_steps=5", "--lr_min_ratio=0.1",
+               "--epochs=1", "--eval_interval=10", "--eval_max_examples=16", "--log_interval=5"] + TINY_MODEL
+
+
+def load_checkpoint(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)
+
+
+def test_resumed_run_reaches_the_same_weights(reverse_task, tmp_path):
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    run_script("train.py", RESUME_ARGS + [f"--out_dir={whole}", "--max_steps=30"], cwd=reverse_task)
+    run_script("train.py", RESUME_ARGS + [f"--out_dir={parts}", "--max_steps=10"], cwd=reverse_task)
+    assert load_checkpoint(parts)["iter_num"] == 10
+    run_script("train.py", RESUME_ARGS + [f"--out_dir={parts}", "--max_steps=30", "--init_from=resume"],
+               cwd=reverse_task)
+    a, b = load_checkpoint(whole), load_checkpoint(parts)
+    assert a["iter_num"] == b["iter_num"] == 30 and a["loader"] == b["loader"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["carry"]:
+        assert torch.equal(a["carry"][key], b["carry"][key]), key
+    # the checkpoint holds what a resume needs
+    assert {"model", "optimizer", "sparse_optimizer", "iter_num", "loader", "carry", "rng", "config",
+            "model_args"} <= a.keys()
+    assert a["config"]["learning_rate"] == 1e-3
+
+
+def test_torchrun_two_processes_equal_one(reverse_task, tmp_path):
+    args = RESUME_ARGS + ["--halt_exploration_prob=0.0", "--max_steps=20", "--backend=gloo"]
+    result = run_script("train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task, nproc=2)
+    assert "on 2 process(es)" in result.stdout
+    run_script("train.py", args + [f"--out_dir={tmp_path / 'single'}"], cwd=reverse_task)
+    # (every checkpoint also checks that the processes hold identical weights, or the run fails)
+    ddp, single = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "single")
+    assert ddp["world_size"] == 2 and ddp["carry"]["z_H"].shape[0] == 8
+    for key, value in single["model"].items():
+        assert torch.allclose(ddp["model"][key].float(), value.float(), atol=1e-6), key
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(reverse_task, tmp_path):
+    out = str(tmp_path / "out")
+    run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--max_steps=10"], cwd=reverse_task)
+    good = load_checkpoint(out)
+    result = run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--max_steps=30", "--init_from=resume",
+                                                   "--learning_rate=1e38"], cwd=reverse_task, check=False)
+    assert result.returncode != 0
+    # the first loss computed after the 1e38 update is not finite; the message names its step
+    assert re.search(r"^non-finite loss at step 1[1-9]: stopping", result.stderr, re.M), result.stderr[-2000:]
+    kept = load_checkpoint(out)
+    assert kept["iter_num"] == 10
+    assert all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+
+
+def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
+    config = dict(vocab_size=11, seq_len=12, puzzle_emb_ndim=32, num_puzzle_identifiers=1, batch_size=8,
+                  H_cycles=1, L_cycles=2, H_layers=1, L_layers=1, hidden_size=32, expansion=4.0, num_heads=2,
+                  halt_max_steps=3, forward_dtype="float32")
+    torch.manual_seed(3)
+    model = HRM(HRMConfig(**config))
+    reference = {"_orig_mod.model.inner." + k.replace("embed_tokens.weight", "embed_tokens.embedding_weight"): v
+                 for k, v in model.state_dict().items()}
+    torch.save(reference, tmp_path / "step_100")
+    out = str(tmp_path / "out")
+    run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--init_from=reference", "--eval_only=True",
+                                          f"--reference_checkpoint={tmp_path / 'step_100'}"], cwd=reverse_task)
+    # the evaluation of the loaded weights equals this model's own
+    model.eval()
+    data = np.load(os.path.join(reverse_task, "data", "reverse", "test", "all__inputs.npy"))[:16]
+    labels = np.load(os.path.join(reverse_task, "data", "reverse", "test", "all__labels.npy"))[:16]
+    batch = dict(inputs=torch.from_numpy(data.astype(np.int32)), labels=torch.from_numpy(labels.astype(np.int32)),
+                 puzzle_identifiers=torch.zeros(16, dtype=torch.int32))
+    carry = model.initial_carry(batch)
+    with torch.no_grad():
+        for _ in range(3):
+            carry, _, metrics, _ = model(carry, batch)
+    logged = read_eval_log(out)[-1]
+    assert logged["accuracy"] == pytest.approx(metrics["accuracy"].item() / 16, abs=1e-6)
+    missing = run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--init_from=reference",
+                                                    "--reference_checkpoint=nope"], cwd=reverse_task, check=False)
+    assert missing.returncode != 0 and "nope" in missing.stderr
+
+
+def test_configurator_rejects_bad_overrides(reverse_task):
+    unknown = run_script("train.py", ["--no_such_key=1"], cwd=reverse_task, check=False)
+    assert unknown.returncode != 0 and "unknown config key 'no_such_key'" in unknown.stderr
+    wrong_type = run_script("train.py", ["--global_batch_size=big"], cwd=reverse_task, check=False)
+    assert wrong_type.returncode != 0 and "--global_batch_size expects int" in wrong_type.stderr
+    no_data = run_script("train.py", ["--dataset=absent"], cwd=reverse_task, check=False)
+    assert no_data.returncode != 0 and "run prepare_sudoku.py first" in no_data.stderr
+
+
+@pytest.fixture(scope="module")
+def sudoku_checkpoint(tmp_path_factory):
+    """A few training steps on a small Sudoku build: enough for sample.py to load and run."""
+    root = tmp_path_factory.mktemp("sudoku")
+    csv_dir = os.path.join(HERE, "assets", "sudoku")
+    prepare_sudoku.build_dataset(os.path.join(csv_dir, "train.csv"), os.path.join(csv_dir, "test.csv"),
+                                 os.path.join(root, "data", "sudoku-small"), subsample_size=20, num_aug=2, log=lambda s: None)
+    run_script("train.py", ["--dataset=sudoku-small", f"--out_dir={root / 'out'}", "--global_batch_size=8",
+                            "--max_steps=4", "--eval_interval=4", "--eval_max_examples=8", "--puzzle_emb_ndim=32",
+                            "--halt_max_steps=2"] + TINY_MODEL, cwd=root)
+    return root
+
+
+def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
+    puzzle = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
+    bad_length = puzzle[:80]
+    conflicting = "44" + puzzle[2:]
+    bad_character = "x" + puzzle[1:]
+    puzzles = tmp_path / "puzzles.txt"
+    puzzles.write_text("\n".join([puzzle, bad_length, conflicting, bad_character]) + "\n")
+    out = str(sudoku_checkpoint / "out")
+    result = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={puzzles}", "--show_steps=True",
+                                      "--halt_max_steps=3"], cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert f"sample: {puzzles} line 2: expected 81 characters, got 80" in lines
+    assert any(f"{puzzles} line 3:" in l and "digit 4 appears twice in row 1" in l for l in lines)
+    assert any(f"{puzzles} line 4:" in l and "'x'" in l for l in lines)
+    assert "4 . . | . . . | 8 . 5" in lines  # the puzzle, drawn as a grid
+    assert sum(l.startswith("after segment") for l in lines) == 3  # --halt_max_steps beyond training's 2
+    assert any(l.startswith("solution after 3 segments") for l in lines)
+    assert "1 puzzle(s) through the model" in result.stdout and "3 could not be read" in result.stdout
+
+    # a CSV with answers is scored; a missing checkpoint is a one-line error
+    scored = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={os.path.join(HERE, 'assets', 'sudoku', 'test.csv')}",
+                                      "--max_puzzles=5", "--quiet=True"], cwd=tmp_path)
+    assert "exact accuracy against the given answers: " in scored.stdout and "/5 = " in scored.stdout
+    missing = run_script("sample.py", [f"--out_dir={tmp_path / 'none'}", f"--puzzle={puzzle}"], cwd=tmp_path, check=False)
+    assert missing.returncode != 0 and "no checkpoint at" in missing.stderr

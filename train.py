@@ -401,6 +401,7 @@ while iter_num < stop_step:
             dist.all_reduce(log_sums)
             dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)
         if first_bad_step.item() >= 0:
+            progress.close()
             raise SystemExit(f"non-finite loss at step {first_bad_step.item()}: stopping; the last good "
                              f"checkpoint (if any) is {ckpt_path}")
         sums = dict(zip(sorted(metrics), log_sums.tolist()))
