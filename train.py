@@ -14,7 +14,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
