@@ -1341,6 +1341,9 @@ def test_resumed_run_reaches_the_same_weights(reverse_task, tmp_path):
     run_script("train.py", RESUME_ARGS + [f"--out_dir={parts}", "--max_steps=30", "--init_from=resume"],
                cwd=reverse_task)
     a, b = load_checkpoint(whole), load_checkpoint(parts)
+    other_batch = run_script("train.py", RESUME_ARGS + [f"--out_dir={parts}", "--init_from=resume",
+                                                        "--global_batch_size=16"], cwd=reverse_task, check=False)
+    assert other_batch.returncode != 0 and "global_batch_size=8; resume with the same" in other_batch.stderr
     assert a["iter_num"] == b["iter_num"] == 30 and a["loader"] == b["loader"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

@@ -250,6 +250,9 @@ if checkpoint is not None:
         sparse_optimizer.load_state_dict(checkpoint['sparse_optimizer'])
     train_batches.load_state_dict(checkpoint['loader'])
     # the carry of the whole global batch: this process takes its slice
+    saved_batch = checkpoint['carry']['z_H'].shape[0]
+    if saved_batch != global_batch_size:
+        raise SystemExit(f"the checkpoint was trained with global_batch_size={saved_batch}; resume with the same")
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
     saved = {k: v[mine].to(device) for k, v in checkpoint['carry'].items()}
     carry = Carry(z_H=saved.pop('z_H'), z_L=saved.pop('z_L'), steps=saved.pop('steps'),
