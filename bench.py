@@ -56,6 +56,7 @@ if device == 'cpu':
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
+from model import HRM, HRMConfig, RotaryEmbedding  # noqa: E402
 
 dt = getattr(torch, dtype)
 torch.manual_seed(0)
@@ -77,11 +78,9 @@ def rel_err(out, ref):
 
 
 def rope(B, T, per_sample, D=head_dim):
+    """cos, sin as the model computes them; per_sample gives (B, T, D) tables at random positions."""
     pos = torch.randint(0, 4096, (B, T), device=device) if per_sample else torch.arange(T, device=device)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
-    freqs = pos[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return RotaryEmbedding(D, 4096, 10000.0).to(device)(pos)
 
 
 def qkv_leaves(B, T, H=n_head, D=head_dim):
@@ -382,7 +381,6 @@ if rows:
 # one whole HRM training step, compiled, with the kernels on and off
 
 def hrm_step_time(use_flash):
-    from model import HRM, HRMConfig
     kernels.set_use_flash(use_flash)
     torch._dynamo.reset()
     torch.manual_seed(0)

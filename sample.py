@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model import HRM, HRMConfig
-from prepare_sudoku import check_solution, format_grid, parse_puzzle, puzzle_conflicts
+from prepare_sudoku import check_solution, decode, encode, format_grid, parse_puzzle, puzzle_conflicts
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-sudoku'      # holds ckpt.pt from train.py
@@ -66,27 +66,27 @@ def load_model():
     model.load_state_dict(checkpoint['model'])
     if halt_max_steps > 0:
         model.config.halt_max_steps = halt_max_steps  # ACT can think longer than it was trained to
-    return model.to(device).eval()
+    model.to(device).eval()
+    return model, torch.compile(model) if compile else model
 
 
 @torch.no_grad()
-def solve(model, grids):
+def solve(model, forward, grids):
     """Digits (N, 81) -> predicted digits after every segment, (segments, N, 81), and the halting
-    probabilities (segments, N)."""
-    tokens = torch.from_numpy(grids.astype(np.int32) + 1)  # 0 = PAD, 1 = blank, 2..10 = digits 1..9
+    probabilities (segments, N). `forward` is the model, or its compiled version."""
+    tokens = torch.from_numpy(encode(grids).astype(np.int32))
     batch = dict(inputs=tokens.to(device), puzzle_identifiers=torch.zeros(len(grids), dtype=torch.int32, device=device))
-    forward = torch.compile(model) if compile else model
     carry, boards, q_halt = model.initial_carry(batch), [], []
     while True:
         carry, _, _, outputs = forward(carry, batch)
-        boards.append((outputs['logits'].argmax(-1) - 1).clamp(0, 9).cpu().numpy())
+        boards.append(decode(outputs['logits'].argmax(-1).cpu().numpy()))
         q_halt.append(torch.sigmoid(outputs['q_halt_logits']).cpu().numpy())
         if carry.halted.all():
             return np.stack(boards), np.stack(q_halt)
 
 
 def main():
-    model = load_model()
+    model, forward = load_model()
     readable, errors = [], 0
     for name, question, answer in read_puzzles():
         try:
@@ -101,14 +101,14 @@ def main():
     valid_count = scored = correct = 0
     for start in range(0, len(readable), batch_size):
         chunk = readable[start:start + batch_size]
-        boards, q_halt = solve(model, np.stack([grid for _, grid, _ in chunk]))
+        boards, q_halt = solve(model, forward, np.stack([grid for _, grid, _ in chunk]))
         for i, (name, grid, answer) in enumerate(chunk):
             final = boards[-1, i]
             problem = check_solution(grid, final)
             valid_count += problem is None
-            if answer is not None:
-                scored += 1
-                correct += np.array_equal(final, answer)
+            matches = answer is not None and np.array_equal(final, answer)
+            scored += answer is not None
+            correct += matches
             if quiet:
                 continue
             print(f"\n{name}\npuzzle:\n{format_grid(grid)}")
@@ -118,7 +118,7 @@ def main():
                           f"{format_grid(boards[step, i])}")
             verdict = 'a valid solution' if problem is None else f'not a solution ({problem})'
             if answer is not None:
-                verdict += ', matches the answer' if np.array_equal(final, answer) else ', differs from the answer'
+                verdict += ', matches the answer' if matches else ', differs from the answer'
             print(f"solution after {len(boards)} segments, {verdict}:\n{format_grid(final)}")
     print(f"\n{len(readable)} puzzle(s) through the model, {valid_count} answered with a valid Sudoku solution"
           + (f"; {errors} could not be read" if errors else ''))

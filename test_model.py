@@ -36,8 +36,8 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 import prepare_sudoku as ps  # noqa: E402
-from model import (HRM, HRMConfig, IGNORE_LABEL_ID, AdamAtan2, PuzzleEmbeddingSignSGD, config_from_reference,  # noqa: E402
-                   convert_reference_state_dict, load_reference_checkpoint, softmax_cross_entropy,
+from model import (HRM, HRMConfig, IGNORE_LABEL_ID, AdamAtan2, PuzzleEmbeddingSignSGD, RotaryEmbedding,  # noqa: E402
+                   config_from_reference, convert_reference_state_dict, load_reference_checkpoint, softmax_cross_entropy,
                    stablemax_cross_entropy)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -460,10 +460,8 @@ def rel_err(out, ref, floor=0.0):
 def rope_tables(B, T, D, per_sample, generator):
     """cos, sin in the rotate-half layout; per_sample gives (B, T, D) tables at random positions."""
     pos = torch.randint(0, 4096, (B, T), generator=generator) if per_sample else torch.arange(T)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    freqs = pos[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    cos, sin = RotaryEmbedding(D, 4096, 10000.0)(pos)
+    return cos.to(DEVICE), sin.to(DEVICE)
 
 
 def packed_qkv(B, T, H, D, dtype, generator, scale=1.0):
