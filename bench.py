@@ -1,8 +1,9 @@
 """
 Benchmark of kernels.py on HRM's shapes, forward and backward, against PyTorch:
 
-- attention (RoPE + non-causal attention): the Triton kernel vs SDPA alone (no RoPE) under each of its
-  backends (flash, efficient, cudnn), and vs attention_reference (RoPE + SDPA) eager and torch.compile'd;
+- attention (RoPE + non-causal attention): the Triton kernel vs attention_reference (RoPE + SDPA) eager and
+  torch.compile'd, and the Triton kernel without RoPE vs SDPA alone under each of its backends (flash,
+  efficient, cudnn);
 - add + RMSNorm: the Triton kernel vs add_rms_norm_reference eager and torch.compile'd, next to the HBM
   bandwidth of a large device-to-device copy measured in the same run;
 - one whole compiled HRM training step (model, loss, backward, optimizers) with the kernels on and off.
@@ -147,67 +148,6 @@ if check:
 # -----------------------------------------------------------------------------
 # block-config sweep (kernel launches only, no autograd)
 
-def sweep_attention(B, T):
-    q, k, v = (t.detach() for t in qkv_leaves(B, T))
-    cos, sin = rope(B, T, False)
-    do = torch.randn_like(q)
-    o, lse, q_s, k_s, rotated = kernels._flash_fwd(q, k, v, cos, sin)
-    flops = 4 * B * n_head * T * T * head_dim
-    if T <= 128:
-        fwd_cfgs = [(64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 8, 1), (64, 128, 8, 1)]
-        bwd_cfgs = [(32, 128, 4, 1), (16, 128, 4, 2), (32, 128, 8, 1), (64, 128, 8, 1), (16, 128, 8, 1)]
-    else:
-        fwd_cfgs = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 128, 4, 3)]
-        bwd_cfgs = [(64, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)]
-    for name, cfgs, fn, fl in (
-            ("fwd", fwd_cfgs, lambda c: kernels._flash_fwd(q, k, v, cos, sin, c), flops),
-            ("bwd", bwd_cfgs, lambda c: kernels._flash_bwd(do, q_s, k_s, v, o, lse, cos, sin, rotated, c), 2.5 * flops)):
-        res = []
-        for cfg in cfgs:
-            try:
-                res.append((timed(lambda: fn(cfg), rep=50), cfg))
-            except Exception as e:  # out of shared memory or registers: not a candidate
-                print(f"  {name} {cfg}: {type(e).__name__}")
-        res.sort()
-        default = (kernels.attn_fwd_config if name[:3] == "fwd" else kernels.attn_bwd_config)(T, head_dim)
-        t_def = timed(lambda: fn(default))
-        print(f"attention {name} B={B} T={T}: default {default} {t_def * 1e3:.1f} us; best: " +
-              ", ".join(f"{c} {t * 1e3:.1f} us ({fl / t / 1e9:.0f} TF/s)" for t, c in res[:6]))
-    # what RoPE costs: the same launches without it, and the separate RoPE pass alone
-    t_f = timed(lambda: kernels._flash_fwd(q, k, v, None, None))
-    t_b = timed(lambda: kernels._flash_bwd(do, q, k, v, o, lse, None, None, False))
-    t_r = timed(lambda: kernels._rope_qk_launch(q, k, cos, sin))
-    gb = 4 * q.numel() * q.element_size() / 1e9
-    print(f"attention B={B} T={T} default configs: fwd without RoPE {t_f * 1e3:.1f} us, bwd without RoPE "
-          f"{t_b * 1e3:.1f} us; RoPE pass on q and k alone {t_r * 1e3:.1f} us ({gb / t_r * 1e3:.0f} GB/s)")
-
-
-def report_resources():
-    """Registers, spills and shared memory of every compiled variant of the kernels (from Triton's cache)."""
-    for fn in (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv, kernels._rope_qk,
-               kernels._add_rms_norm_fwd, kernels._add_rms_norm_bwd):
-        for caches in fn.device_caches.values():
-            for key, k in caches[0].items():
-                md = k.metadata
-                print(f"  {md.name}: warps {md.num_warps} stages {md.num_stages} shared {md.shared} B "
-                      f"regs {k.n_regs} spills {k.n_spills} | {str(key)[-200:]}")
-
-
-if sweep:
-    print("== block-config sweep (BLOCK_M, BLOCK_N, num_warps, num_stages)")
-    for B, T in (sudoku, maze):
-        sweep_attention(B, T)
-    if device == 'cuda':
-        try:
-            report_resources()
-        except Exception as e:
-            print(f"resource report unavailable: {type(e).__name__}: {e}")
-
-
-# -----------------------------------------------------------------------------
-# op-level timings: do_bench (wall time of the call, CPU launch overhead included when it exceeds the GPU
-# work) and GPU time (kernel durations summed by the profiler: what the call costs when the CPU runs ahead)
-
 def gpu_time(fn, iters=20):
     """Mean summed duration of the GPU kernels that fn launches, in ms; L2 flushed between calls."""
     from torch.profiler import ProfilerActivity, profile
@@ -224,6 +164,86 @@ def gpu_time(fn, iters=20):
                 if e.device_type == DeviceType.CUDA and "FillFunctor<int>" not in e.name)
     return total / iters / 1e3
 
+
+def launch_time(fn):
+    """GPU time of fn's kernels on CUDA (the launches' CPU cost would dominate do_bench for the shortest
+    kernels), wall time on the CPU dry run; ms."""
+    return gpu_time(fn) if device == 'cuda' else timed(fn)
+
+
+def sweep_attention(B, T):
+    q, k, v = (t.detach() for t in qkv_leaves(B, T))
+    cos, sin = rope(B, T, False)
+    do = torch.randn_like(q)
+    o, lse, q_s, k_s, rotated = kernels._flash_fwd(q, k, v, cos, sin)
+    flops = 4 * B * n_head * T * T * head_dim
+    sweeps = []  # (name, configs, launch(config), default config, FLOP)
+    if T <= kernels.SHORT_MAX_T:
+        short_cfgs = [(8, 1), (8, 2), (8, 3), (4, 2), (4, 4)]
+        for rope_name, c, s in (("RoPE", cos, sin), ("no RoPE", None, None)):
+            sweeps.append((f"fwd {rope_name}, persistent (num_warps, programs per SM)", short_cfgs,
+                           lambda cfg, c=c, s=s: kernels._flash_fwd(q, k, v, c, s, short_config=cfg),
+                           kernels.attn_short_config(T, head_dim), flops))
+            sweeps.append((f"fwd {rope_name}, tiled (RoPE pass first)" if c is not None else "fwd no RoPE, tiled",
+                           [(64, 128, 4, 1), (128, 128, 8, 1), (32, 128, 4, 1)],
+                           lambda cfg, c=c, s=s: kernels._flash_fwd(q, k, v, c, s, cfg), (64, 128, 4, 1), flops))
+        sweeps.append(("bwd", [(None, c) for c in [(32, 128, 4, 1), (16, 128, 4, 2), (32, 128, 8, 1), (64, 128, 8, 1)]],
+                       lambda c: kernels._flash_bwd(do, q_s, k_s, v, o, lse, cos, sin, rotated, c),
+                       kernels.attn_bwd_config(T, head_dim), 2.5 * flops))
+    else:
+        sweeps.append(("fwd", [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 128, 4, 3)],
+                       lambda c: kernels._flash_fwd(q, k, v, cos, sin, c), kernels.attn_fwd_config(T, head_dim), flops))
+        sweeps.append(("bwd (dQ config, dK/dV config)",
+                       [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 32, 4, 3), (32, 128, 4, 3)),
+                        ((128, 32, 4, 3), (32, 128, 4, 3)), ((64, 32, 4, 3), (32, 128, 4, 4)),
+                        ((64, 32, 4, 3), (16, 128, 4, 3))],
+                       lambda c: kernels._flash_bwd(do, q_s, k_s, v, o, lse, cos, sin, rotated, c),
+                       kernels.attn_bwd_config(T, head_dim), 2.5 * flops))
+    for name, cfgs, fn, default, fl in sweeps:
+        res = []
+        for cfg in cfgs:
+            try:
+                res.append((launch_time(lambda: fn(cfg)), cfg))
+            except Exception as e:  # out of shared memory or registers: not a candidate
+                print(f"  {name} {cfg}: {type(e).__name__}")
+        res.sort(key=lambda r: r[0])
+        t_def = launch_time(lambda: fn(default))
+        print(f"attention {name} B={B} T={T}: default {default} {t_def * 1e3:.1f} us; best: " +
+              ", ".join(f"{c} {t * 1e3:.1f} us ({fl / t / 1e9:.0f} TF/s)" for t, c in res[:6]))
+    # what RoPE costs: the same launches without it, and the separate RoPE pass alone
+    t_f = launch_time(lambda: kernels._flash_fwd(q, k, v, None, None))
+    t_b = launch_time(lambda: kernels._flash_bwd(do, q, k, v, o, lse, None, None, False))
+    t_r = launch_time(lambda: kernels._rope_qk_launch(q, k, cos, sin))
+    gb = 4 * q.numel() * q.element_size() / 1e9
+    print(f"attention B={B} T={T} default configs: fwd without RoPE {t_f * 1e3:.1f} us, bwd without RoPE "
+          f"{t_b * 1e3:.1f} us; RoPE pass on q and k alone {t_r * 1e3:.1f} us ({gb / t_r * 1e3:.0f} GB/s)")
+
+
+def report_resources():
+    """Registers, spills and shared memory of every compiled variant of the kernels (from Triton's cache)."""
+    for fn in (kernels._attn_fwd, kernels._attn_fwd_short, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv,
+               kernels._rope_qk, kernels._add_rms_norm_fwd, kernels._add_rms_norm_bwd):
+        for caches in fn.device_caches.values():
+            for key, k in caches[0].items():
+                md = k.metadata
+                print(f"  {md.name}: warps {md.num_warps} stages {md.num_stages} shared {md.shared} B "
+                      f"regs {k.n_regs} spills {k.n_spills} | {str(key)[-200:]}")
+
+
+if sweep:
+    print("== config sweep (GPU time of the launches)")
+    for B, T in (sudoku, maze):
+        sweep_attention(B, T)
+    if device == 'cuda':
+        try:
+            report_resources()
+        except Exception as e:
+            print(f"resource report unavailable: {type(e).__name__}: {e}")
+
+
+# -----------------------------------------------------------------------------
+# op-level timings: do_bench (wall time of the call, CPU launch overhead included when it exceeds the GPU
+# work) and GPU time (kernel durations summed by the profiler: what the call costs when the CPU runs ahead)
 
 def time_fwd_bwd(f, inputs, dout):
     fwd_bwd = lambda: torch.autograd.grad(f(), inputs, dout)
@@ -245,6 +265,7 @@ def bench_attention(B, T):
     if device == 'cuda':
         ref_compiled = torch.compile(kernels.attention_reference, dynamic=False)
         impls.append(("reference compiled", lambda: ref_compiled(q, k, v, cos, sin), None))
+    impls.append(("triton (no RoPE)", lambda: kernels.flash_attention(q, k, v), None))
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sdpa = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
@@ -367,11 +388,13 @@ if compile_check and device == 'cuda':
 if rows:
     print("\nfwd/bwd: do_bench median of the call (wall, includes CPU launch overhead where that exceeds the GPU "
           "work) | GPU kernel time from the profiler; rates and speed-ups from the GPU times; speed-up = this row's "
-          "time / the triton row's (> 1: triton faster)")
+          "time / the triton row's with RoPE, or without for rows without RoPE (> 1: triton faster)")
     print(f"{'op':<13} {'shape':<22} {'impl':<30} {'fwd ms':>7} {'bwd ms':>7} | {'GPU fwd':>7} {'GPU bwd':>7} "
           f"{'fwd rate':>14} {'bwd rate':>14} {'triton speed-up':>16}")
     for r in rows:
-        base = next(b for b in rows if b["op"] == r["op"] and b["shape"] == r["shape"])
+        # like for like: rows without RoPE against the triton row without RoPE, the others against the first
+        base = next(b for b in rows if b["op"] == r["op"] and b["shape"] == r["shape"] and b["impl"].startswith(
+            "triton") and ("no RoPE" in b["impl"]) == ("no RoPE" in r["impl"]))
         speedup = f"x{r['gfwd'] / base['gfwd']:.2f} / x{r['gbwd'] / base['gbwd']:.2f}" if base is not r else ""
         print(f"{r['op']:<13} {r['shape']:<22} {r['impl']:<30} {r['fwd']:>7.4f} {r['bwd']:>7.4f} | "
               f"{r['gfwd']:>7.4f} {r['gbwd']:>7.4f} {r['rate_fwd']:>14} {r['rate_bwd']:>14} {speedup:>16}")

@@ -13,14 +13,17 @@ logger "hrm.attn".
 
 The Triton path, after Triton's tutorials (layer norm, fused attention) and FlashAttention-2:
 
-- Attention forward: one program per (block of BLOCK_M queries, batch*head), an online softmax over K/V
-  tiles with a running max and sum in float32, so no T x T matrix ever reaches memory. It writes the
-  output and the base-2 logsumexp of each row (B, H, T), all the backward needs to rebuild P.
-- RoPE (float32, rounded to the input dtype, as the reference). When one key tile holds the sequence
-  (T <= 128: Sudoku's 82) each program loads q, k, v once, so it rotates q and k itself (and so does the
-  fused backward). With several key tiles every program would rotate every K tile again, and K would
-  have to pass through registers instead of streaming from memory to the matrix units: there a separate
-  kernel rotates q and k once, and the backward reuses them (measured in notes/kernels.md).
+- Attention forward: an online softmax over K/V tiles with a running max and sum in float32, so no T x T
+  matrix ever reaches memory. It writes the output and the base-2 logsumexp of each row (B, H, T), all
+  the backward needs to rebuild P. RoPE is in float32, rounded to the input dtype, as the reference.
+- Up to 128 tokens (Sudoku's 82) one tile holds all the queries and keys of a head, and a program that
+  does one such tile is bound by memory latency. So a persistent kernel walks the heads, a whole head
+  per step, and loads the next head's q, k, v while it computes this one; it rotates each head's q and k
+  once (the fused backward rotates them too).
+- Longer sequences: one program per (block of BLOCK_M queries, batch*head). Rotating inside it would
+  rotate every K tile again in every program, and K would have to pass through registers instead of
+  streaming from memory to the matrix units: a separate kernel rotates q and k once, and the backward
+  reuses them (measured in notes/kernels.md).
 - Attention backward: P is recomputed tile by tile from the rotated q, k and the logsumexp. One kernel
   walks the query blocks for each key block and accumulates dK, dV; a second walks the key blocks for
   each query block and accumulates dQ (and first writes delta = rowsum(dO * O)). When one key block holds
@@ -34,7 +37,9 @@ The Triton path, after Triton's tutorials (layer norm, fused attention) and Flas
   input: with g = h * rstd the output, dh = rstd * (dg - g * mean(dg * g)), so it reads the saved output
   and the per-row rstd (4 bytes a row).
 - torch.compile traces the autograd Functions and the kernel launches without graph breaks. Scales and
-  eps are constexpr (Inductor would pass a Python float as float64, which changes the arithmetic).
+  eps are constexpr (Inductor would pass a Python float as float64, which changes the arithmetic). Every
+  tensor a kernel writes is a fresh tensor, never a view of a shared buffer: torch.compile copies such a
+  view before a kernel writes into it (1.5 ms of a 46 ms Sudoku training step, when dq, dk, dv were views).
 
 Offsets are 32-bit: a tensor must have fewer than 2**31 elements.
 
@@ -148,11 +153,11 @@ if triton is not None:
         _store_halves(base, g1, g2, rows, mask, stride_t, offs_h, HALF)
 
     @triton.jit
-    def _rope_qk(Q, K, COS, SIN, QK, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_oqk,
+    def _rope_qk(Q, K, COS, SIN, QR, KR, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
                  stride_cb, stride_ct, T, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
         """RoPE on q and k for BLOCK_T positions of one sequence, all heads: the tables are read once for
         2 * H head vectors, and the unrolled head loop lets all the loads be in flight together.
-        Writes q_rot and k_rot into QK (B, T, 2, H, D)."""
+        Writes q_rot and k_rot into QR and KR (B, T, H, D), which share their strides."""
         HALF: tl.constexpr = HEAD_DIM // 2
         num_t = tl.cdiv(T, BLOCK_T)
         b = tl.program_id(0) // num_t
@@ -163,11 +168,10 @@ if triton is not None:
         for h in tl.static_range(H):
             x1, x2 = _load_halves(Q + b * stride_qb + h * stride_qh, rows, mask, stride_qt, offs_h, HALF)
             y1, y2 = _rotate(x1, x2, c, s, False)
-            _store_halves(QK + b * stride_ob + h * stride_oh, y1, y2, rows, mask, stride_ot, offs_h, HALF)
+            _store_halves(QR + b * stride_ob + h * stride_oh, y1, y2, rows, mask, stride_ot, offs_h, HALF)
             x1, x2 = _load_halves(K + b * stride_qb + h * stride_qh, rows, mask, stride_qt, offs_h, HALF)
             y1, y2 = _rotate(x1, x2, c, s, False)
-            _store_halves(QK + stride_oqk + b * stride_ob + h * stride_oh, y1, y2, rows, mask, stride_ot, offs_h,
-                          HALF)
+            _store_halves(KR + b * stride_ob + h * stride_oh, y1, y2, rows, mask, stride_ot, offs_h, HALF)
 
     @triton.jit
     def _attn_fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, start, stop, T, stride_qt, stride_vt,
@@ -194,15 +198,23 @@ if triton is not None:
         return acc, l_i, m_i
 
     @triton.jit
-    def _attn_fwd(Q, K, V, COS, SIN, O, LSE,
+    def _softmax_pv(q1, q2, k1, k2, v, mask_n, QK_SCALE: tl.constexpr):
+        """softmax(q k^T) v over one key tile (q, k as halves), and the base-2 logsumexp of each row."""
+        s = tl.dot(q1, tl.trans(k1))
+        s = tl.dot(q2, tl.trans(k2), s) * QK_SCALE
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m = tl.max(s, 1)
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v)
+        return acc / l[:, None], m + tl.log2(l)
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O, LSE,
                   stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                  stride_cb, stride_ct, H, T,
-                  HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
-        """Output and base-2 logsumexp for BLOCK_M queries of one (batch, head). ONE_BLOCK (T <= BLOCK_N):
-        a single key tile, every load issued before any arithmetic, since such a short program is bound
-        by memory latency, and RoPE (ROPE) applied here. Otherwise an online softmax over key tiles, on q
-        and k that the caller rotated beforehand."""
+                  H, T, HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Output and base-2 logsumexp for BLOCK_M queries of one (batch, head): an online softmax over key
+        tiles, on q and k as given (the caller rotated them beforehand, or there is no RoPE)."""
         HALF: tl.constexpr = HEAD_DIM // 2
         QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634  # log2(e)
         # 1D grid, query blocks fastest: the programs of one head run together and share its K/V in L2
@@ -216,48 +228,79 @@ if triton is not None:
         offs_h = tl.arange(0, HALF)
         offs_d = tl.arange(0, HEAD_DIM)
         mask_m = offs_m < T
-        cos_ptr = COS + b * stride_cb
-        sin_ptr = SIN + b * stride_cb
-        q_base = Q + b * stride_qb + h * stride_qh
         k_base = K + b * stride_qb + h * stride_qh
         v_base = V + b * stride_vb + h * stride_vh
 
-        if ONE_BLOCK:
-            mask_n = offs_n < T
-            k1, k2 = _load_halves(k_base, offs_n, mask_n, stride_qt, offs_h, HALF)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            q1, q2 = _load_halves(q_base, offs_m, mask_m, stride_qt, offs_h, HALF)
-            if ROPE:
-                c, s = _load_table(cos_ptr, sin_ptr, offs_n, mask_n, stride_ct, offs_h)
-                r1, r2 = _rotate(k1, k2, c, s, False)
-                k1, k2 = r1.to(k1.dtype), r2.to(k2.dtype)
-                if BLOCK_M != BLOCK_N:  # else the query rows are the key rows: same table
-                    c, s = _load_table(cos_ptr, sin_ptr, offs_m, mask_m, stride_ct, offs_h)
-                r1, r2 = _rotate(q1, q2, c, s, False)
-                q1, q2 = r1.to(q1.dtype), r2.to(q2.dtype)
-            s = tl.dot(q1, tl.trans(k1))
-            s = tl.dot(q2, tl.trans(k2), s) * QK_SCALE
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_i = tl.max(s, 1)
-            p = tl.exp2(s - m_i[:, None])
-            l_i = tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v)
-        else:
-            q1, q2 = _load_halves(q_base, offs_m, mask_m, stride_qt, offs_h, HALF)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            n_full = (T // BLOCK_N) * BLOCK_N
-            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, 0, n_full, T, stride_qt,
-                                            stride_vt, offs_n, offs_h, offs_d, QK_SCALE, HALF, BLOCK_N, False)
-            if n_full < T:
-                acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, n_full, T, T, stride_qt,
-                                                stride_vt, offs_n, offs_h, offs_d, QK_SCALE, HALF, BLOCK_N, True)
+        q1, q2 = _load_halves(Q + b * stride_qb + h * stride_qh, offs_m, mask_m, stride_qt, offs_h, HALF)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        n_full = (T // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, 0, n_full, T, stride_qt,
+                                        stride_vt, offs_n, offs_h, offs_d, QK_SCALE, HALF, BLOCK_N, False)
+        if n_full < T:
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, n_full, T, T, stride_qt,
+                                            stride_vt, offs_n, offs_h, offs_d, QK_SCALE, HALF, BLOCK_N, True)
         # every row sees at least one real key (non-causal, T >= 1), so l_i > 0 even for padded rows
-        acc = acc / l_i[:, None]
         tl.store(LSE + pid_bh * T + offs_m, m_i + tl.log2(l_i), mask=mask_m)
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None])
+
+    @triton.jit
+    def _load_head(Q, K, V, COS, SIN, bh, n_bh, stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
+                   stride_cb, stride_ct, H, T, offs_t, offs_h, offs_d, HALF: tl.constexpr, TABLE: tl.constexpr):
+        """q, k (as halves), v of head bh = (batch, head), all T rows; all zeros past the last head, so the
+        prefetch of a head that does not exist is harmless. With TABLE also its cos and sin."""
+        b = bh // H
+        h = bh % H
+        mask = offs_t < tl.where(bh < n_bh, T, 0)
+        q1, q2 = _load_halves(Q + b * stride_qb + h * stride_qh, offs_t, mask, stride_qt, offs_h, HALF)
+        k1, k2 = _load_halves(K + b * stride_qb + h * stride_qh, offs_t, mask, stride_qt, offs_h, HALF)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vt + offs_d[None, :],
+                    mask=mask[:, None], other=0.0)
+        c, s = q1, q2  # placeholders: unused without TABLE
+        if TABLE:
+            c, s = _load_table(COS + b * stride_cb, SIN + b * stride_cb, offs_t, mask, stride_ct, offs_h)
+        return q1, q2, k1, k2, v, c, s
+
+    @triton.jit
+    def _attn_fwd_short(Q, K, V, COS, SIN, O, LSE,
+                        stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
+                        stride_ob, stride_ot, stride_oh, stride_cb, stride_ct, n_bh, H, T,
+                        HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE: tl.constexpr,
+                        SHARED_TABLE: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Forward for T <= BLOCK_T (one tile holds every query and every key of a head): a persistent grid
+        walks the B * H heads, a whole head per step, and loads the next head's q, k, v before this head's
+        arithmetic, so that their memory latency hides behind it. With ROPE each head's q and k are rotated
+        once, with one table (queries and keys are the same positions); SHARED_TABLE (a (T, D) table, the
+        same for every sample): read once, before the loop."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_h = tl.arange(0, HALF)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_t = offs_t < T
+        step = tl.num_programs(0)
+        q1, q2, k1, k2, v, c, s = _load_head(Q, K, V, COS, SIN, tl.program_id(0), n_bh, stride_qb, stride_qt,
+                                             stride_qh, stride_vb, stride_vt, stride_vh, stride_cb, stride_ct, H, T,
+                                             offs_t, offs_h, offs_d, HALF, ROPE)
+        for bh in range(tl.program_id(0), n_bh, step):
+            nq1, nq2, nk1, nk2, nv, nc, ns = _load_head(Q, K, V, COS, SIN, bh + step, n_bh, stride_qb, stride_qt,
+                                                        stride_qh, stride_vb, stride_vt, stride_vh, stride_cb,
+                                                        stride_ct, H, T, offs_t, offs_h, offs_d, HALF,
+                                                        ROPE and not SHARED_TABLE)
+            if ROPE:
+                r1, r2 = _rotate(q1, q2, c, s, False)
+                q1, q2 = r1.to(q1.dtype), r2.to(q2.dtype)
+                r1, r2 = _rotate(k1, k2, c, s, False)
+                k1, k2 = r1.to(k1.dtype), r2.to(k2.dtype)
+            acc, lse = _softmax_pv(q1, q2, k1, k2, v, mask_t, QK_SCALE)
+            tl.store(LSE + bh * T + offs_t, lse, mask=mask_t)
+            o_ptrs = O + (bh // H) * stride_ob + (bh % H) * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :]
+            tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_t[:, None])
+            q1, q2, k1, k2, v = nq1, nq2, nk1, nk2, nv
+            if ROPE and not SHARED_TABLE:
+                c, s = nc, ns
 
     @triton.jit
     def _attn_bwd_dq(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ,
@@ -428,78 +471,108 @@ def _rope_tables(q, cos, sin):
     return cos, sin, cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2)  # a (T, D) table: batch stride 0
 
 
+SHORT_MAX_T = 128  # up to this length the persistent one-tile forward (_attn_fwd_short) takes the call
+
+
 def attn_fwd_config(T, D):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; BLOCK_N >= T is the one-tile program.
-    Picked from the sweeps in notes/kernels.md (H100, D = 64, T = 82 and 900)."""
-    if T <= 128:
-        BLOCK_N = max(16, triton.next_power_of_2(T))
-        return min(64, BLOCK_N), BLOCK_N, 4, 1
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the tiled forward, _attn_fwd. Picked from the sweeps in
+    notes/kernels.md (H100, D = 64, T = 900)."""
     return 64, 64, 4, 3
 
 
+def attn_short_config(T, D):
+    """(num_warps, programs per multiprocessor) of _attn_fwd_short (sweeps: notes/kernels.md, runs 5-9).
+    Eight warps share the 128 x 128 score tile; 4 spill."""
+    return 8, 2
+
+
 def attn_bwd_config(T, D):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels: BLOCK_M queries, BLOCK_N keys;
-    BLOCK_N >= T is the single fused launch."""
+    """(dQ config, dK/dV config), each (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M queries and
+    BLOCK_N keys. A dK/dV BLOCK_N >= T is the single fused launch, which needs no dQ config. The two
+    kernels of the long case were swept separately (notes/kernels.md, run 6)."""
     if T <= 128:
-        return 32 if T > 16 else 16, max(16, triton.next_power_of_2(T)), 4, 1
-    return 64, 64, 4, 2
+        return None, (16, max(16, triton.next_power_of_2(T)), 4, 2)
+    return (64, 32, 4, 3), (32, 128, 4, 3)
+
+
+_sm_counts = {}
+
+
+def _num_sms(device):
+    """Multiprocessors of a CUDA device (1 for CPU tensors under the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
 
 
 def _rope_qk_launch(q, k, cos, sin):
-    """q and k rotated, as two (B, T, H, D) views of one (B, T, 2, H, D) buffer."""
+    """q and k rotated, as two new (B, T, H, D) tensors. Two tensors rather than views of one buffer:
+    torch.compile would copy a view that a kernel writes into (functionalization), a whole extra pass."""
     B, T, H, D = q.shape
     cos, sin, stride_cb, stride_ct = _rope_tables(q, cos, sin)
-    qk = torch.empty((B, T, 2, H, D), device=q.device, dtype=q.dtype)
+    q_rot, k_rot = (torch.empty((B, T, H, D), device=q.device, dtype=q.dtype) for _ in range(2))
     BLOCK_T = 16
-    _rope_qk[(triton.cdiv(T, BLOCK_T) * B,)](q, k, cos, sin, qk, *_bth(q), qk.stride(0), qk.stride(1),
-                                             qk.stride(3), qk.stride(2), stride_cb, stride_ct, T,
-                                             H=H, HEAD_DIM=D, BLOCK_T=BLOCK_T, num_warps=4)
-    return qk[:, :, 0], qk[:, :, 1]
+    _rope_qk[(triton.cdiv(T, BLOCK_T) * B,)](q, k, cos, sin, q_rot, k_rot, *_bth(q), *_bth(q_rot), stride_cb,
+                                             stride_ct, T, H=H, HEAD_DIM=D, BLOCK_T=BLOCK_T, num_warps=4)
+    return q_rot, k_rot
 
 
-def _flash_fwd(q, k, v, cos, sin, config=None):
+def _flash_fwd(q, k, v, cos, sin, config=None, short_config=None):
     """Returns o, lse and the q, k the backward needs: as given, or already rotated (then rotated=True).
-    One key tile (T <= BLOCK_N) rotates q and k inside the kernel; with several, every program would
-    rotate every K tile again, so a separate pass rotates q and k once and the kernel gets them ready."""
+    Up to SHORT_MAX_T tokens (unless a tiled config is given) the persistent kernel takes whole heads and
+    rotates q and k itself. With several key tiles every program would rotate every K tile again, so there
+    a separate pass rotates q and k once and _attn_fwd gets them ready."""
     B, T, H, D = q.shape
-    BLOCK_M, BLOCK_N, num_warps, num_stages = config or attn_fwd_config(T, D)
-    one_block = T <= BLOCK_N
     if q.stride() != k.stride():  # the kernels take one set of strides for q and k
         q, k = q.contiguous(), k.contiguous()
-    rotated = cos is not None and not one_block
-    if rotated:
-        q, k = _rope_qk_launch(q, k, cos, sin)
-    cos_, sin_, stride_cb, stride_ct = _rope_tables(q, cos, sin)
     o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    if config is None and T <= SHORT_MAX_T:
+        num_warps, per_sm = short_config or attn_short_config(T, D)
+        cos_, sin_, stride_cb, stride_ct = _rope_tables(q, cos, sin)
+        _attn_fwd_short[(min(B * H, per_sm * _num_sms(q.device)),)](
+            q, k, v, cos_, sin_, o, lse, *_bth(q), *_bth(v), *_bth(o), stride_cb, stride_ct, B * H, H, T,
+            HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), ROPE=cos is not None, SHARED_TABLE=stride_cb == 0,
+            BLOCK_T=max(16, triton.next_power_of_2(T)), num_warps=num_warps)
+        return o, lse, q, k, False
+    BLOCK_M, BLOCK_N, num_warps, num_stages = config or attn_fwd_config(T, D)
+    rotated = cos is not None
+    if rotated:
+        q, k = _rope_qk_launch(q, k, cos, sin)
     _attn_fwd[(triton.cdiv(T, BLOCK_M) * B * H,)](
-        q, k, v, cos_, sin_, o, lse, *_bth(q), *_bth(v), *_bth(o), stride_cb, stride_ct, H, T,
-        HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), ROPE=cos is not None and one_block,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_BLOCK=one_block, num_warps=num_warps, num_stages=num_stages)
+        q, k, v, o, lse, *_bth(q), *_bth(v), *_bth(o), H, T, HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
     return o, lse, q, k, rotated
 
 
 def _flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, config=None):
     """dq, dk, dv (w.r.t. the pre-RoPE q, k); q, k as _flash_fwd returned them."""
     B, T, H, D = q.shape
-    BLOCK_M, BLOCK_N, num_warps, num_stages = config or attn_bwd_config(T, D)
+    dq_config, dkdv_config = config or attn_bwd_config(T, D)
     if q.stride() != k.stride():
         q, k = q.contiguous(), k.contiguous()
     if do.stride() != o.stride():  # the kernels take one set of strides for o and do
         do = do.contiguous()
     cos_, sin_, stride_cb, stride_ct = _rope_tables(q, cos, sin)
-    grads = torch.empty((B, T, 3, H, D), device=q.device, dtype=q.dtype)
-    dq, dk, dv = grads.unbind(2)
-    one_block = T <= BLOCK_N
+    # three tensors, not views of one buffer: see _rope_qk_launch
+    dq, dk, dv = (torch.empty((B, T, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
+    one_block = T <= dkdv_config[1]
     delta = lse if one_block else torch.empty_like(lse)  # the fused launch keeps delta in registers
     args = (*_bth(q), *_bth(v), *_bth(o), *_bth(dq), stride_cb, stride_ct, H, T)
     meta = dict(HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), ROPE_IN=cos is not None and not rotated,
-                ROPE_OUT=cos is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-                num_stages=num_stages)
+                ROPE_OUT=cos is not None)
     if not one_block:
-        _attn_bwd_dq[(triton.cdiv(T, BLOCK_M) * B * H,)](q, k, v, cos_, sin_, o, do, lse, delta, dq, *args, **meta)
-    _attn_bwd_dkdv[(triton.cdiv(T, BLOCK_N) * B * H,)](q, k, v, cos_, sin_, o, do, lse, delta, dq, dk, dv, *args,
-                                                      ONE_BLOCK=one_block, **meta)
+        BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
+        _attn_bwd_dq[(triton.cdiv(T, BLOCK_M) * B * H,)](
+            q, k, v, cos_, sin_, o, do, lse, delta, dq, *args, **meta,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
+    _attn_bwd_dkdv[(triton.cdiv(T, BLOCK_N) * B * H,)](
+        q, k, v, cos_, sin_, o, do, lse, delta, dq, dk, dv, *args, **meta,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_BLOCK=one_block, num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv
 
 

@@ -536,9 +536,10 @@ def test_attention_padded_keys_do_not_overflow(T):
 
 @needs_triton
 @pytest.mark.parametrize("fwd_config, bwd_config", [
-    ((32, 128, 4, 1), (32, 128, 4, 1)),  # one key tile, several query blocks; fused backward
-    ((64, 64, 4, 1), (16, 32, 4, 1)),    # key tiles: q, k rotated by the separate pass
-    ((128, 128, 4, 1), (32, 64, 4, 1)),  # one tile forward, tiled backward: RoPE inside the backward loops
+    (None, (None, (32, 128, 4, 1))),                     # persistent forward, fused one-tile backward
+    ((64, 64, 4, 1), ((16, 32, 4, 1), (16, 32, 4, 1))),  # key tiles: q, k rotated by the separate pass
+    (None, ((32, 32, 4, 1), (32, 64, 4, 1))),            # tiled backward rotating q, k inside its loops
+    ((32, 128, 4, 1), (None, (32, 128, 4, 1))),          # one-tile tiled forward; fused backward, pre-rotated
 ])
 def test_attention_kernel_paths(fwd_config, bwd_config):
     """The launch paths the default configs do not all reach at one length, forced through explicit configs."""
@@ -554,12 +555,37 @@ def test_attention_kernel_paths(fwd_config, bwd_config):
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref = kernels.attention_reference(q64, k64, v64, cos.double(), sin.double())
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
-    assert rotated == (T > fwd_config[1])
+    assert rotated == (fwd_config is not None)
     if rotated:
         for saved, x in ((q_saved, q64), (k_saved, k64)):
             assert rel_err(saved, kernels.apply_rotary(x.detach(), cos.double(), sin.double())) < TOL[dtype] / 10
     for a, b in zip((o,) + grads, (ref,) + ref_grads):
         assert rel_err(a, b) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("programs", [1, 4, 6, 9])
+@pytest.mark.parametrize("tables", ["none", "shared", "per_sample"])
+def test_persistent_forward_covers_every_head(programs, tables):
+    """The short-sequence forward walks B * H = 6 heads with a grid of `programs` programs (capped at 6),
+    each prefetching its next head: uneven shares and prefetches past the last head must be right, with
+    no RoPE, one (T, D) table for all samples, or (B, T, D) tables."""
+    g = torch.Generator().manual_seed(7)
+    B, T, H, D = 3, 82, 2, 64
+    dtype = DTYPES[0]
+    qkv, (q, k, v) = packed_qkv(B, T, H, D, dtype, g)
+    cos, sin = rope_tables(B, T, D, tables == "per_sample", g) if tables != "none" else (None, None)
+    q, k, v = (t.detach() for t in (q, k, v))
+    o, lse, _, _, rotated = kernels._flash_fwd(q, k, v, cos, sin, short_config=(4, programs))
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    if cos is not None:
+        q64, k64 = (kernels.apply_rotary(x, cos.double(), sin.double()) for x in (q64, k64))
+    ref = kernels.attention_reference(q64, k64, v64)
+    qr, kr = q64.transpose(1, 2), k64.transpose(1, 2)
+    ref_lse = torch.logsumexp(qr @ kr.transpose(-1, -2) / math.sqrt(D), dim=-1) / math.log(2)
+    assert not rotated
+    assert rel_err(o, ref) < TOL[dtype]
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-3)
 
 
 @needs_triton
