@@ -146,7 +146,7 @@ if check:
 
 
 # -----------------------------------------------------------------------------
-# block-config sweep (kernel launches only, no autograd)
+# GPU time (kernel durations summed by the profiler), and the config sweep (kernel launches only)
 
 def gpu_time(fn, iters=20):
     """Mean summed duration of the GPU kernels that fn launches, in ms; L2 flushed between calls."""
@@ -243,7 +243,7 @@ if sweep:
 
 # -----------------------------------------------------------------------------
 # op-level timings: do_bench (wall time of the call, CPU launch overhead included when it exceeds the GPU
-# work) and GPU time (kernel durations summed by the profiler: what the call costs when the CPU runs ahead)
+# work) and GPU time (gpu_time above: what the call costs when the CPU runs ahead)
 
 def time_fwd_bwd(f, inputs, dout):
     fwd_bwd = lambda: torch.autograd.grad(f(), inputs, dout)

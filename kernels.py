@@ -495,17 +495,12 @@ def attn_bwd_config(T, D):
     return (64, 32, 4, 3), (32, 128, 4, 3)
 
 
-_sm_counts = {}
-
-
 def _num_sms(device):
-    """Multiprocessors of a CUDA device (1 for CPU tensors under the interpreter)."""
+    """Multiprocessors of a CUDA device (1 for CPU tensors under the interpreter). PyTorch caches the
+    device properties, and torch.compile traces this call without a graph break."""
     if device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _rope_qk_launch(q, k, cos, sin):
