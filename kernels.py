@@ -50,6 +50,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.comptime import comptime
 
 try:
     import triton
@@ -663,19 +664,22 @@ def set_use_flash(flag):
     _use_flash = flag
 
 
-def _log_choice(msg):
-    """Log each distinct backend choice once. Registered with torch.compile as a reorderable logging
-    function, so a compiled model logs it too (after the graph runs) instead of breaking the graph."""
+def _log_once(msg):
     if msg not in _logged:
         _logged.add(msg)
         log.info(msg)
 
 
-try:
-    import torch._dynamo
-    torch._dynamo.config.reorderable_logging_functions.add(_log_choice)
-except (ImportError, AttributeError):
-    pass
+def _log_traced_choice(ctx):
+    _log_once(ctx.get_local("msg").as_python_constant())
+
+
+def _log_choice(msg):
+    """Log each distinct backend choice once. Inside torch.compile the message is logged while the graph is
+    traced (torch._dynamo's comptime): a logging call in the graph would break it, and one deferred until
+    after the graph (reorderable_logging_functions) is dropped when it is made from an inlined function, as
+    every call from a model is."""
+    comptime(_log_traced_choice, lambda: _log_once(msg))
 
 
 def _pick(x, unsupported):

@@ -691,6 +691,39 @@ def test_forced_on_uses_the_kernel(fresh_switch, caplog):
     assert len(msgs) == 1 and "triton" in msgs[0] and "forced on" in msgs[0]
 
 
+def test_compiled_model_logs_its_choice_once(fresh_switch, caplog):
+    """Inside torch.compile the choice is logged while the graph is traced, without a graph break
+    (fullgraph), also from a function the compiled one calls, as a model's blocks do."""
+    caplog.set_level(logging.INFO, logger="hrm.attn")
+    q, k, v, cos, sin = attn_inputs()
+
+    def block(q, k, v):
+        return kernels.attention(q, k, v, cos, sin) * 2
+
+    compiled = torch.compile(lambda q, k, v: block(q, k, v) + 1, fullgraph=True, backend="eager")
+    for _ in range(3):
+        out = compiled(q, k, v)
+    torch._dynamo.reset()
+    assert records(caplog) == ["attention: PyTorch SDPA (tensors are on cpu, not CUDA)"]
+    assert torch.allclose(out, block(q, k, v) + 1)
+
+
+def test_everything_imports_and_runs_without_triton(tmp_path):
+    """With triton missing, the model runs on PyTorch, and forcing the kernels says why they are not used."""
+    code = (
+        "import sys, logging; sys.modules['triton'] = None\n"
+        "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+        "import torch, kernels, model, sample\n"
+        "kernels.set_use_flash(True)\n"
+        "q = torch.randn(1, 5, 2, 64)\n"
+        "assert torch.equal(kernels.attention(q, q, q), kernels.attention_reference(q, q, q))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "hrm.attn: attention: PyTorch SDPA (triton is not installed)" in result.stderr
+
+
 def test_set_use_flash_rejects_other_values():
     with pytest.raises(AssertionError):
         kernels.set_use_flash("yes")
@@ -1339,10 +1372,12 @@ def read_eval_log(out_dir):
 
 def test_tiny_hrm_learns_a_task(reverse_task, tmp_path):
     out = str(tmp_path / "out")
-    run_script("train.py", ["--dataset=reverse", f"--out_dir={out}", "--global_batch_size=32", "--hidden_size=64",
-                            "--puzzle_emb_ndim=0", "--halt_max_steps=2", "--learning_rate=1e-3", "--warmup_steps=20",
-                            "--weight_decay=0.1", "--max_steps=500", "--eval_interval=500"] + TINY_MODEL[1:],
-               cwd=reverse_task)
+    result = run_script("train.py", ["--dataset=reverse", f"--out_dir={out}", "--global_batch_size=32",
+                                     "--hidden_size=64", "--puzzle_emb_ndim=0", "--halt_max_steps=2",
+                                     "--learning_rate=1e-3", "--warmup_steps=20", "--weight_decay=0.1",
+                                     "--max_steps=500", "--eval_interval=500"] + TINY_MODEL[1:], cwd=reverse_task)
+    # the backend choice is shown once: head_dim 32 has no kernel
+    assert result.stderr.count("hrm.attn: attention: PyTorch SDPA (head_dim 32 not in (64, 128))") == 1
     final = read_eval_log(out)[-1]
     assert final["step"] == 500
     assert final["accuracy"] > 0.3, final  # chance is 1/9 per digit

@@ -11,6 +11,7 @@ The ACT carry persists from step to step: each step runs one segment on every se
 only the sequences that halted take a fresh example from the next batch, as in the original.
 """
 import json
+import logging
 import math
 import os
 import time
@@ -88,6 +89,9 @@ if ddp:
 else:
     rank, world_size = 0, 1
 master_process = rank == 0
+if master_process:  # kernels.py logs the backend each operation picks (Triton or PyTorch) on "hrm.attn"
+    logging.basicConfig(format='%(name)s: %(message)s')
+    logging.getLogger('hrm.attn').setLevel(logging.INFO)
 if global_batch_size % world_size:
     raise SystemExit(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
 batch_size = global_batch_size // world_size  # per process
