@@ -671,6 +671,7 @@ def _log_once(msg):
 
 
 def _log_traced_choice(ctx):
+    # comptime calls this at trace time with the traced frame, _log_choice's; it may not close over msg
     _log_once(ctx.get_local("msg").as_python_constant())
 
 

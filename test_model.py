@@ -708,7 +708,7 @@ def test_compiled_model_logs_its_choice_once(fresh_switch, caplog):
     assert torch.allclose(out, block(q, k, v) + 1)
 
 
-def test_everything_imports_and_runs_without_triton(tmp_path):
+def test_everything_imports_and_runs_without_triton():
     """With triton missing, the model runs on PyTorch, and forcing the kernels says why they are not used."""
     code = (
         "import sys, logging; sys.modules['triton'] = None\n"
