@@ -221,8 +221,8 @@ def sweep_attention(B, T):
 
 def report_resources():
     """Registers, spills and shared memory of every compiled variant of the kernels (from Triton's cache)."""
-    for fn in (kernels._attn_fwd, kernels._attn_fwd_short, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv,
-               kernels._rope_qk, kernels._add_rms_norm_fwd, kernels._add_rms_norm_bwd):
+    for fn in (kernels._attn_fwd, kernels._attn_fwd_short, kernels._attn_bwd_fused, kernels._attn_bwd_dq,
+               kernels._attn_bwd_dkdv, kernels._rope_qk, kernels._add_rms_norm_fwd, kernels._add_rms_norm_bwd):
         for caches in fn.device_caches.values():
             for key, k in caches[0].items():
                 md = k.metadata

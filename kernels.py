@@ -25,11 +25,12 @@ The Triton path, after Triton's tutorials (layer norm, fused attention) and Flas
   streaming from memory to the matrix units: a separate kernel rotates q and k once, and the backward
   reuses them (measured in notes/kernels.md).
 - Attention backward: P is recomputed tile by tile from the rotated q, k and the logsumexp. One kernel
-  walks the query blocks for each key block and accumulates dK, dV; a second walks the key blocks for
-  each query block and accumulates dQ (and first writes delta = rowsum(dO * O)). When one key block holds
-  the sequence, the first kernel also writes dQ and computes delta itself: a single launch. Gradients
-  are rotated back (the transpose of the RoPE rotation) as they are stored, so they are w.r.t. the
-  pre-RoPE q and k.
+  walks the key blocks for each query block and accumulates dQ (and first writes delta = rowsum(dO * O));
+  a second walks the query blocks for each key block and accumulates dK, dV. Their loops take the full
+  blocks without masks and the ragged last one apart, and the last key block of the dK/dV kernel gets a
+  tile just large enough for it. When one tile holds every key (T <= 128) a single fused kernel does it
+  all: it computes delta itself and writes dQ as it goes. Gradients are rotated back (the transpose of
+  the RoPE rotation) as they are stored, so they are w.r.t. the pre-RoPE q and k.
 - RoPE uses the rotate-half layout: x = [x1, x2] (halves of the head dim) maps to
   [x1 c - x2 s, x2 c + x1 s]. Since the tables' halves are equal, kernels read only cos[..., :D/2] and
   sin[..., :D/2] and keep every q/k tile as two half tiles; a q.k^T product is the sum of two dots.
@@ -304,14 +305,111 @@ if triton is not None:
                 c, s = nc, ns
 
     @triton.jit
+    def _load_rows(ptrs, mask, other, MASKED: tl.constexpr):
+        """tl.load, with the row mask only where MASKED: the full blocks of a loop skip the predicates."""
+        if MASKED:
+            x = tl.load(ptrs, mask=mask, other=other)
+        else:
+            x = tl.load(ptrs)
+        return x
+
+    @triton.jit
+    def _dkdv_step(dk1, dk2, dv, k1, k2, v, q1, q2, do, lse, delta, mask_n, QK_SCALE: tl.constexpr,
+                   MASK_KEYS: tl.constexpr):
+        """One query block's share of dK, dV, with transposed scores (keys as rows). Returns the updated
+        accumulators and dS^T. Padded queries come with lse = +inf, so their P is exactly 0. MASK_KEYS zeroes
+        P for padded keys too: needed where dS feeds dQ (a padded key scores 0, which need not be small next
+        to lse, so exp2 may overflow), not where only dK, dV rows of padded keys, never stored, see them."""
+        st = tl.dot(k1, tl.trans(q1))
+        st = tl.dot(k2, tl.trans(q2), st) * QK_SCALE - lse[None, :]
+        if MASK_KEYS:
+            st = tl.where(mask_n[:, None], st, float("-inf"))
+        pt = tl.exp2(st)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
+        dk1 = tl.dot(dst, q1, dk1)
+        dk2 = tl.dot(dst, q2, dk2)
+        return dk1, dk2, dv, dst
+
+    @triton.jit
+    def _attn_bwd_fused(Q, K, V, COS, SIN, O, DO, LSE, DQ, DK, DV,
+                        stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
+                        stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, H, T,
+                        HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE_IN: tl.constexpr,
+                        ROPE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+        """The whole backward of one (batch, head) for T <= BLOCK_T: all keys in one tile, BLOCK_M queries a
+        step. Each step sees every key of its queries, so it computes delta = rowsum(dO * O) itself and
+        writes their dQ; dK, dV accumulate over the steps. ROPE_IN rotates q and k as they are loaded (the
+        persistent forward saved them unrotated); ROPE_OUT rotates the gradients back to the pre-RoPE frame."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        offs_n = tl.arange(0, BLOCK_T)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_h = tl.arange(0, HALF)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_n = offs_n < T
+        cos_ptr = COS + b * stride_cb
+        sin_ptr = SIN + b * stride_cb
+
+        k1, k2 = _load_qk(K + b * stride_qb + h * stride_qh, cos_ptr, sin_ptr, offs_n, mask_n, stride_qt,
+                          stride_ct, offs_h, HALF, ROPE_IN)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)
+        dk1 = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
+        dk2 = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+        for start_m in range(0, T, BLOCK_M):
+            rows = start_m + offs_m
+            mask_m = rows < T
+            q1, q2 = _load_qk(Q + b * stride_qb + h * stride_qh, cos_ptr, sin_ptr, rows, mask_m, stride_qt,
+                              stride_ct, offs_h, HALF, ROPE_IN)
+            row = b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :]
+            do = tl.load(DO + row, mask=mask_m[:, None], other=0.0)
+            o = tl.load(O + row, mask=mask_m[:, None], other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            lse = tl.load(LSE + bh * T + rows, mask=mask_m, other=float("inf"))
+            dk1, dk2, dv, dst = _dkdv_step(dk1, dk2, dv, k1, k2, v, q1, q2, do, lse, delta, mask_n, QK_SCALE, True)
+            ds = tl.trans(dst)
+            _store_grad(DQ + b * stride_gb + h * stride_gh, tl.dot(ds, k1) * SM_SCALE, tl.dot(ds, k2) * SM_SCALE,
+                        cos_ptr, sin_ptr, rows, mask_m, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
+        dv_ptrs = DV + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+        _store_grad(DK + b * stride_gb + h * stride_gh, dk1 * SM_SCALE, dk2 * SM_SCALE, cos_ptr, sin_ptr, offs_n,
+                    mask_n, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
+
+    @triton.jit
+    def _dq_step(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, cols, T, stride_qt, stride_vt, offs_h, offs_d,
+                 QK_SCALE: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr):
+        """One key block's share of dQ; MASKED for the ragged last block."""
+        mask_n = cols < T
+        k_ptrs = k_base + cols[:, None] * stride_qt + offs_h[None, :]
+        k1 = _load_rows(k_ptrs, mask_n[:, None], 0.0, MASKED)
+        k2 = _load_rows(k_ptrs + HALF, mask_n[:, None], 0.0, MASKED)
+        v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask_n[:, None], 0.0, MASKED)
+        s = tl.dot(q1, tl.trans(k1))
+        s = tl.dot(q2, tl.trans(k2), s) * QK_SCALE - lse[:, None]
+        if MASKED:  # a padded key scores 0, which need not be small next to lse: exp2 may overflow
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        p = tl.exp2(s)
+        dp = tl.dot(do, tl.trans(v))
+        ds = (p * (dp - delta[:, None])).to(k1.dtype)
+        dq1 = tl.dot(ds, k1, dq1)
+        dq2 = tl.dot(ds, k2, dq2)
+        return dq1, dq2
+
+    @triton.jit
     def _attn_bwd_dq(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ,
                      stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                      stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, H, T,
-                     HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE_IN: tl.constexpr, ROPE_OUT: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE_OUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dQ for one query block, over all key blocks. Also writes delta = rowsum(dO * O), which the dK/dV
-        kernel launched after it reads. ROPE_IN rotates q and k as they are loaded (they were saved
-        unrotated); ROPE_OUT rotates dQ back to the pre-RoPE frame."""
+        """dQ for one block of BLOCK_M queries, over all key blocks, from the rotated q and k. Also writes
+        delta = rowsum(dO * O), which the dK/dV kernel launched after it reads. ROPE_OUT rotates dQ back to
+        the pre-RoPE frame."""
         HALF: tl.constexpr = HEAD_DIM // 2
         QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
         num_m = tl.cdiv(T, BLOCK_M)
@@ -324,14 +422,11 @@ if triton is not None:
         offs_h = tl.arange(0, HALF)
         offs_d = tl.arange(0, HEAD_DIM)
         mask_m = offs_m < T
-        cos_ptr = COS + b * stride_cb
-        sin_ptr = SIN + b * stride_cb
 
-        q1, q2 = _load_qk(Q + b * stride_qb + h * stride_qh, cos_ptr, sin_ptr, offs_m, mask_m, stride_qt,
-                          stride_ct, offs_h, HALF, ROPE_IN)
-        row = offs_m[:, None] * stride_ot + offs_d[None, :]
-        do = tl.load(DO + b * stride_ob + h * stride_oh + row, mask=mask_m[:, None], other=0.0)
-        o = tl.load(O + b * stride_ob + h * stride_oh + row, mask=mask_m[:, None], other=0.0)
+        q1, q2 = _load_halves(Q + b * stride_qb + h * stride_qh, offs_m, mask_m, stride_qt, offs_h, HALF)
+        row = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+        do = tl.load(DO + row, mask=mask_m[:, None], other=0.0)
+        o = tl.load(O + row, mask=mask_m[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + pid_bh * T + offs_m, delta, mask=mask_m)
         # padded rows get lse = +inf, so their P (and everything downstream) is exactly 0
@@ -341,86 +436,89 @@ if triton is not None:
         v_base = V + b * stride_vb + h * stride_vh
         dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
         dq2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-        for start_n in range(0, T, BLOCK_N):
-            cols = start_n + offs_n
-            mask_n = cols < T
-            k1, k2 = _load_qk(k_base, cos_ptr, sin_ptr, cols, mask_n, stride_qt, stride_ct, offs_h, HALF, ROPE_IN)
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            s = tl.dot(q1, tl.trans(k1))
-            s = tl.dot(q2, tl.trans(k2), s)
-            # a padded key has s = 0, which need not be small next to lse: mask it, or exp2 may overflow
-            p = tl.exp2(tl.where(mask_n[None, :], s * QK_SCALE - lse[:, None], float("-inf")))
-            dp = tl.dot(do, tl.trans(v))
-            ds = (p * (dp - delta[:, None])).to(k1.dtype)
-            dq1 = tl.dot(ds, k1, dq1)
-            dq2 = tl.dot(ds, k2, dq2)
-        _store_grad(DQ + b * stride_gb + h * stride_gh, dq1 * SM_SCALE, dq2 * SM_SCALE, cos_ptr, sin_ptr, offs_m,
-                    mask_m, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
+        n_full = (T // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, start_n + offs_n, T, stride_qt,
+                                stride_vt, offs_h, offs_d, QK_SCALE, HALF, False)
+        if n_full < T:
+            dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, n_full + offs_n, T, stride_qt,
+                                stride_vt, offs_h, offs_d, QK_SCALE, HALF, True)
+        _store_grad(DQ + b * stride_gb + h * stride_gh, dq1 * SM_SCALE, dq2 * SM_SCALE, COS + b * stride_cb,
+                    SIN + b * stride_cb, offs_m, mask_m, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, DK, DV,
-                       stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-                       stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, H, T,
-                       HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE_IN: tl.constexpr,
-                       ROPE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       ONE_BLOCK: tl.constexpr):
-        """dK, dV for one key block, over all query blocks, with transposed scores (keys as rows).
-        ONE_BLOCK (T <= BLOCK_N): this program sees every key of each query block, so it computes delta
-        from O and dO itself and writes dQ too; then the whole backward is this one launch."""
+    def _dkdv_queries(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, rows, T, stride_qt, stride_ot,
+                      offs_h, offs_d, QK_SCALE: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr):
+        """_dkdv_step on the query block `rows`, loaded from memory; MASKED for the ragged last block."""
+        mask_m = rows < T
+        q_ptrs = q_base + rows[:, None] * stride_qt + offs_h[None, :]
+        q1 = _load_rows(q_ptrs, mask_m[:, None], 0.0, MASKED)
+        q2 = _load_rows(q_ptrs + HALF, mask_m[:, None], 0.0, MASKED)
+        do = _load_rows(do_base + rows[:, None] * stride_ot + offs_d[None, :], mask_m[:, None], 0.0, MASKED)
+        lse = _load_rows(lse_base + rows, mask_m, float("inf"), MASKED)
+        delta = _load_rows(delta_base + rows, mask_m, 0.0, MASKED)
+        # no key mask (None): padded keys only reach their own dK, dV rows, which are never stored
+        dk1, dk2, dv, _ = _dkdv_step(dk1, dk2, dv, k1, k2, v, q1, q2, do, lse, delta, None, QK_SCALE, False)
+        return dk1, dk2, dv
+
+    @triton.jit
+    def _dkdv_keys(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, b, h, pid_bh, start_n,
+                   stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                   stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, T, HEAD_DIM: tl.constexpr,
+                   SM_SCALE: tl.constexpr, ROPE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dK, dV of BLOCK_N keys from start_n of one (batch, head), over all query blocks."""
         HALF: tl.constexpr = HEAD_DIM // 2
         QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_h = tl.arange(0, HALF)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_n = offs_n < T
+        k1, k2 = _load_halves(K + b * stride_qb + h * stride_qh, offs_n, mask_n, stride_qt, offs_h, HALF)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_ob + h * stride_oh
+        dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+        dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        m_full = (T // BLOCK_M) * BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            dk1, dk2, dv = _dkdv_queries(dk1, dk2, dv, k1, k2, v, q_base, do_base, LSE + pid_bh * T,
+                                         DELTA + pid_bh * T, start_m + offs_m, T, stride_qt, stride_ot, offs_h,
+                                         offs_d, QK_SCALE, HALF, False)
+        if m_full < T:
+            dk1, dk2, dv = _dkdv_queries(dk1, dk2, dv, k1, k2, v, q_base, do_base, LSE + pid_bh * T,
+                                         DELTA + pid_bh * T, m_full + offs_m, T, stride_qt, stride_ot, offs_h,
+                                         offs_d, QK_SCALE, HALF, True)
+        # dV first: its registers are free before dK's rotation needs the tables (measured a little faster)
+        dv_ptrs = DV + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+        _store_grad(DK + b * stride_gb + h * stride_gh, dk1 * SM_SCALE, dk2 * SM_SCALE, COS + b * stride_cb,
+                    SIN + b * stride_cb, offs_n, mask_n, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV,
+                       stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
+                       stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, H, T,
+                       HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE_OUT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAST_N: tl.constexpr):
+        """dK, dV for one key block from the rotated q and k (and the delta of _attn_bwd_dq). The last key
+        block has a tile of LAST_N keys: a BLOCK_N tile would be mostly padding when T % BLOCK_N is small
+        (900 keys: 7 blocks of 128 and one of 16, not 8 of 128)."""
         num_n = tl.cdiv(T, BLOCK_N)
         pid_n = tl.program_id(0) % num_n
         pid_bh = tl.program_id(0) // num_n
         b = pid_bh // H
         h = pid_bh % H
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_h = tl.arange(0, HALF)
-        offs_d = tl.arange(0, HEAD_DIM)
-        mask_n = offs_n < T
-        cos_ptr = COS + b * stride_cb
-        sin_ptr = SIN + b * stride_cb
-
-        k1, k2 = _load_qk(K + b * stride_qb + h * stride_qh, cos_ptr, sin_ptr, offs_n, mask_n, stride_qt,
-                          stride_ct, offs_h, HALF, ROPE_IN)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0)
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_ob + h * stride_oh
-        o_base = O + b * stride_ob + h * stride_oh
-        dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-        dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        for start_m in range(0, T, BLOCK_M):
-            rows = start_m + offs_m
-            mask_m = rows < T
-            q1, q2 = _load_qk(q_base, cos_ptr, sin_ptr, rows, mask_m, stride_qt, stride_ct, offs_h, HALF, ROPE_IN)
-            row = rows[:, None] * stride_ot + offs_d[None, :]
-            do = tl.load(do_base + row, mask=mask_m[:, None], other=0.0)
-            lse = tl.load(LSE + pid_bh * T + rows, mask=mask_m, other=float("inf"))
-            if ONE_BLOCK:
-                o = tl.load(o_base + row, mask=mask_m[:, None], other=0.0)
-                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            else:
-                delta = tl.load(DELTA + pid_bh * T + rows, mask=mask_m, other=0.0)
-            st = tl.dot(k1, tl.trans(q1))
-            st = tl.dot(k2, tl.trans(q2), st)
-            # padded queries have lse = +inf -> 0; padded keys are masked so that dQ stays finite
-            pt = tl.exp2(tl.where(mask_n[:, None], st * QK_SCALE - lse[None, :], float("-inf")))
-            dv = tl.dot(pt.to(do.dtype), do, dv)
-            dpt = tl.dot(v, tl.trans(do))
-            dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
-            dk1 = tl.dot(dst, q1, dk1)
-            dk2 = tl.dot(dst, q2, dk2)
-            if ONE_BLOCK:
-                ds = tl.trans(dst)
-                _store_grad(DQ + b * stride_gb + h * stride_gh, tl.dot(ds, k1) * SM_SCALE, tl.dot(ds, k2) * SM_SCALE,
-                            cos_ptr, sin_ptr, rows, mask_m, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
-        _store_grad(DK + b * stride_gb + h * stride_gh, dk1 * SM_SCALE, dk2 * SM_SCALE, cos_ptr, sin_ptr, offs_n,
-                    mask_n, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
-        dv_ptrs = DV + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+        strides = (stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot,
+                   stride_oh, stride_gb, stride_gt, stride_gh, stride_cb, stride_ct)
+        if pid_n == num_n - 1:
+            _dkdv_keys(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, b, h, pid_bh, pid_n * BLOCK_N, *strides, T,
+                       HEAD_DIM, SM_SCALE, ROPE_OUT, BLOCK_M, LAST_N)
+        else:
+            _dkdv_keys(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, b, h, pid_bh, pid_n * BLOCK_N, *strides, T,
+                       HEAD_DIM, SM_SCALE, ROPE_OUT, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _add_rms_norm_fwd(X, Y, OUT, RSTD, n_rows, N, stride_x, stride_y, stride_o,
@@ -490,7 +588,7 @@ def attn_short_config(T, D):
 def attn_bwd_config(T, D):
     """(dQ config, dK/dV config), each (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M queries and
     BLOCK_N keys. A dK/dV BLOCK_N >= T is the single fused launch, which needs no dQ config. The two
-    kernels of the long case were swept separately (notes/kernels.md, run 6)."""
+    kernels of the long case were swept separately (notes/kernels.md, runs 6 and 10)."""
     if T <= 128:
         return None, (16, max(16, triton.next_power_of_2(T)), 4, 2)
     return (64, 32, 4, 3), (32, 128, 4, 3)
@@ -544,6 +642,13 @@ def _flash_fwd(q, k, v, cos, sin, config=None, short_config=None):
     return o, lse, q, k, rotated
 
 
+def _last_block(T, block):
+    """The tile of the last of cdiv(T, block) blocks: the smallest power of two (16 or more) that holds its
+    T % block rows where that is at most half a block, else a whole block."""
+    tile = max(16, triton.next_power_of_2(T % block))
+    return tile if T % block and tile <= block // 2 else block
+
+
 def _flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, config=None):
     """dq, dk, dv (w.r.t. the pre-RoPE q, k); q, k as _flash_fwd returned them."""
     B, T, H, D = q.shape
@@ -552,23 +657,27 @@ def _flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, config=None):
         q, k = q.contiguous(), k.contiguous()
     if do.stride() != o.stride():  # the kernels take one set of strides for o and do
         do = do.contiguous()
+    BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
+    one_block = T <= BLOCK_N
+    if cos is not None and not rotated and not one_block:  # the two-kernel backward reads q and k rotated
+        q, k = _rope_qk_launch(q, k, cos, sin)
     cos_, sin_, stride_cb, stride_ct = _rope_tables(q, cos, sin)
     # three tensors, not views of one buffer: see _rope_qk_launch
     dq, dk, dv = (torch.empty((B, T, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    one_block = T <= dkdv_config[1]
-    delta = lse if one_block else torch.empty_like(lse)  # the fused launch keeps delta in registers
     args = (*_bth(q), *_bth(v), *_bth(o), *_bth(dq), stride_cb, stride_ct, H, T)
-    meta = dict(HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), ROPE_IN=cos is not None and not rotated,
-                ROPE_OUT=cos is not None)
-    if not one_block:
-        BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
-        _attn_bwd_dq[(triton.cdiv(T, BLOCK_M) * B * H,)](
-            q, k, v, cos_, sin_, o, do, lse, delta, dq, *args, **meta,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
+    meta = dict(HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), ROPE_OUT=cos is not None)
+    if one_block:
+        _attn_bwd_fused[(B * H,)](
+            q, k, v, cos_, sin_, o, do, lse, dq, dk, dv, *args, **meta, ROPE_IN=cos is not None and not rotated,
+            BLOCK_M=BLOCK_M, BLOCK_T=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+        return dq, dk, dv
+    delta = torch.empty_like(lse)
+    _attn_bwd_dq[(triton.cdiv(T, dq_config[0]) * B * H,)](
+        q, k, v, cos_, sin_, o, do, lse, delta, dq, *args, **meta, BLOCK_M=dq_config[0], BLOCK_N=dq_config[1],
+        num_warps=dq_config[2], num_stages=dq_config[3])
     _attn_bwd_dkdv[(triton.cdiv(T, BLOCK_N) * B * H,)](
-        q, k, v, cos_, sin_, o, do, lse, delta, dq, dk, dv, *args, **meta,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_BLOCK=one_block, num_warps=num_warps, num_stages=num_stages)
+        q, k, v, cos_, sin_, do, lse, delta, dk, dv, *args, **meta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        LAST_N=_last_block(T, BLOCK_N), num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv
 
 

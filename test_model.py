@@ -538,7 +538,7 @@ def test_attention_padded_keys_do_not_overflow(T):
 @pytest.mark.parametrize("fwd_config, bwd_config", [
     (None, (None, (32, 128, 4, 1))),                     # persistent forward, fused one-tile backward
     ((64, 64, 4, 1), ((16, 32, 4, 1), (16, 32, 4, 1))),  # key tiles: q, k rotated by the separate pass
-    (None, ((32, 32, 4, 1), (32, 64, 4, 1))),            # tiled backward rotating q, k inside its loops
+    (None, ((32, 32, 4, 1), (32, 64, 4, 1))),            # two-kernel backward: RoPE pass first; a 32-key last tile
     ((32, 128, 4, 1), (None, (32, 128, 4, 1))),          # one-tile tiled forward; fused backward, pre-rotated
 ])
 def test_attention_kernel_paths(fwd_config, bwd_config):
