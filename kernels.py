@@ -212,6 +212,14 @@ if triton is not None:
         return acc / l[:, None], m + tl.log2(l)
 
     @triton.jit
+    def _block_and_head(T, BLOCK: tl.constexpr, H):
+        """This program's block of BLOCK rows, (batch * head) index, batch and head, on a 1D grid with the
+        blocks fastest: the programs of one head run together and share its K/V in L2."""
+        num_blocks = tl.cdiv(T, BLOCK)
+        pid_bh = tl.program_id(0) // num_blocks
+        return tl.program_id(0) % num_blocks, pid_bh, pid_bh // H, pid_bh % H
+
+    @triton.jit
     def _attn_fwd(Q, K, V, O, LSE,
                   stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                   H, T, HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -219,12 +227,7 @@ if triton is not None:
         tiles, on q and k as given (the caller rotated them beforehand, or there is no RoPE)."""
         HALF: tl.constexpr = HEAD_DIM // 2
         QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634  # log2(e)
-        # 1D grid, query blocks fastest: the programs of one head run together and share its K/V in L2
-        num_m = tl.cdiv(T, BLOCK_M)
-        pid_m = tl.program_id(0) % num_m
-        pid_bh = tl.program_id(0) // num_m
-        b = pid_bh // H
-        h = pid_bh % H
+        pid_m, pid_bh, b, h = _block_and_head(T, BLOCK_M, H)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_h = tl.arange(0, HALF)
@@ -412,11 +415,7 @@ if triton is not None:
         the pre-RoPE frame."""
         HALF: tl.constexpr = HEAD_DIM // 2
         QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
-        num_m = tl.cdiv(T, BLOCK_M)
-        pid_m = tl.program_id(0) % num_m
-        pid_bh = tl.program_id(0) // num_m
-        b = pid_bh // H
-        h = pid_bh % H
+        pid_m, pid_bh, b, h = _block_and_head(T, BLOCK_M, H)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_h = tl.arange(0, HALF)
@@ -506,14 +505,10 @@ if triton is not None:
         """dK, dV for one key block from the rotated q and k (and the delta of _attn_bwd_dq). The last key
         block has a tile of LAST_N keys: a BLOCK_N tile would be mostly padding when T % BLOCK_N is small
         (900 keys: 7 blocks of 128 and one of 16, not 8 of 128)."""
-        num_n = tl.cdiv(T, BLOCK_N)
-        pid_n = tl.program_id(0) % num_n
-        pid_bh = tl.program_id(0) // num_n
-        b = pid_bh // H
-        h = pid_bh % H
+        pid_n, pid_bh, b, h = _block_and_head(T, BLOCK_N, H)
         strides = (stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot,
                    stride_oh, stride_gb, stride_gt, stride_gh, stride_cb, stride_ct)
-        if pid_n == num_n - 1:
+        if pid_n == tl.cdiv(T, BLOCK_N) - 1:
             _dkdv_keys(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, b, h, pid_bh, pid_n * BLOCK_N, *strides, T,
                        HEAD_DIM, SM_SCALE, ROPE_OUT, BLOCK_M, LAST_N)
         else:
