@@ -179,11 +179,13 @@ def sweep_attention(B, T):
     flops = 4 * B * n_head * T * T * head_dim
     sweeps = []  # (name, configs, launch(config), default config, FLOP)
     if T <= kernels.SHORT_MAX_T:
-        short_cfgs = [(8, 1), (8, 2), (8, 3), (4, 2), (4, 4)]
-        for rope_name, c, s in (("RoPE", cos, sin), ("no RoPE", None, None)):
-            sweeps.append((f"fwd {rope_name}, persistent (num_warps, programs per SM)", short_cfgs,
-                           lambda cfg, c=c, s=s: kernels._flash_fwd(q, k, v, c, s, short_config=cfg),
-                           kernels.attn_short_config(T, head_dim), flops))
+        for rope_name, c, s, short_cfgs, default, form in (
+                ("RoPE", cos, sin, [(8, 1), (8, 2), (8, 3), (4, 2)], kernels.attn_short_rope_config(T, head_dim),
+                 "programs per SM"),
+                ("no RoPE", None, None, [(8, 1, 4), (8, 1, 3), (8, 2, 3), (4, 1, 4), (4, 2, 2)],
+                 kernels.attn_short_config(T, head_dim), "programs per SM, stages")):
+            sweeps.append((f"fwd {rope_name}, persistent (num_warps, {form})", short_cfgs,
+                           lambda cfg, c=c, s=s: kernels._flash_fwd(q, k, v, c, s, short_config=cfg), default, flops))
             sweeps.append((f"fwd {rope_name}, tiled (RoPE pass first)" if c is not None else "fwd no RoPE, tiled",
                            [(64, 128, 4, 1), (128, 128, 8, 1), (32, 128, 4, 1)],
                            lambda cfg, c=c, s=s: kernels._flash_fwd(q, k, v, c, s, cfg), (64, 128, 4, 1), flops))
@@ -221,8 +223,8 @@ def sweep_attention(B, T):
 
 def report_resources():
     """Registers, spills and shared memory of every compiled variant of the kernels (from Triton's cache)."""
-    for fn in (kernels._attn_fwd, kernels._attn_fwd_short, kernels._attn_bwd_fused, kernels._attn_bwd_dq,
-               kernels._attn_bwd_dkdv, kernels._rope_qk, kernels._add_rms_norm_fwd, kernels._add_rms_norm_bwd):
+    for fn in (kernels._attn_fwd, kernels._attn_fwd_short, kernels._attn_fwd_short_rope, kernels._attn_bwd_fused,
+               kernels._attn_bwd_dq, kernels._attn_bwd_dkdv, kernels._rope_qk, kernels._add_rms_norm_fwd, kernels._add_rms_norm_bwd):
         for caches in fn.device_caches.values():
             for key, k in caches[0].items():
                 md = k.metadata

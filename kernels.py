@@ -16,10 +16,12 @@ The Triton path, after Triton's tutorials (layer norm, fused attention) and Flas
 - Attention forward: an online softmax over K/V tiles with a running max and sum in float32, so no T x T
   matrix ever reaches memory. It writes the output and the base-2 logsumexp of each row (B, H, T), all
   the backward needs to rebuild P. RoPE is in float32, rounded to the input dtype, as the reference.
-- Up to 128 tokens (Sudoku's 82) one tile holds all the queries and keys of a head, and a program that
-  does one such tile is bound by memory latency. So a persistent kernel walks the heads, a whole head
-  per step, and loads the next head's q, k, v while it computes this one; it rotates each head's q and k
-  once (the fused backward rotates them too).
+- Up to 128 tokens (Sudoku's 82) one tile holds all the queries of a head and one or two tiles all its
+  keys (82 keys: 64 + 32, not 128), and a program that does one head is bound by memory latency. So a
+  persistent kernel walks the heads, a whole head per step, with later heads' loads in flight while it
+  computes this one: without RoPE through TMA descriptors and a software-pipelined loop (the tiles go
+  from memory to shared memory to the matrix units), with RoPE by loading the next head by hand (its
+  q and k pass through registers to be rotated once per head; the fused backward rotates them too).
 - Longer sequences: one program per (block of BLOCK_M queries, batch*head). Rotating inside it would
   rotate every K tile again in every program, and K would have to pass through registers instead of
   streaming from memory to the matrix units: a separate kernel rotates q and k once, and the backward
@@ -56,6 +58,7 @@ from torch._dynamo.comptime import comptime
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     triton = None
 
@@ -200,18 +203,6 @@ if triton is not None:
         return acc, l_i, m_i
 
     @triton.jit
-    def _softmax_pv(q1, q2, k1, k2, v, mask_n, QK_SCALE: tl.constexpr):
-        """softmax(q k^T) v over one key tile (q, k as halves), and the base-2 logsumexp of each row."""
-        s = tl.dot(q1, tl.trans(k1))
-        s = tl.dot(q2, tl.trans(k2), s) * QK_SCALE
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m = tl.max(s, 1)
-        p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v)
-        return acc / l[:, None], m + tl.log2(l)
-
-    @triton.jit
     def _block_and_head(T, BLOCK: tl.constexpr, H):
         """This program's block of BLOCK rows, (batch * head) index, batch and head, on a 1D grid with the
         blocks fastest: the programs of one head run together and share its K/V in L2."""
@@ -252,60 +243,149 @@ if triton is not None:
         tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None])
 
     @triton.jit
-    def _load_head(Q, K, V, COS, SIN, bh, n_bh, stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-                   stride_cb, stride_ct, H, T, offs_t, offs_h, offs_d, HALF: tl.constexpr, TABLE: tl.constexpr):
-        """q, k (as halves), v of head bh = (batch, head), all T rows; all zeros past the last head, so the
-        prefetch of a head that does not exist is harmless. With TABLE also its cos and sin."""
-        b = bh // H
-        h = bh % H
-        mask = offs_t < tl.where(bh < n_bh, T, 0)
-        q1, q2 = _load_halves(Q + b * stride_qb + h * stride_qh, offs_t, mask, stride_qt, offs_h, HALF)
-        k1, k2 = _load_halves(K + b * stride_qb + h * stride_qh, offs_t, mask, stride_qt, offs_h, HALF)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vt + offs_d[None, :],
-                    mask=mask[:, None], other=0.0)
-        c, s = q1, q2  # placeholders: unused without TABLE
-        if TABLE:
-            c, s = _load_table(COS + b * stride_cb, SIN + b * stride_cb, offs_t, mask, stride_ct, offs_h)
-        return q1, q2, k1, k2, v, c, s
+    def _scores(q1, q2, k1, k2, QK_SCALE: tl.constexpr, HALVES: tl.constexpr):
+        """q k^T in base 2 (exp2(s) == exp(q.k / sqrt(D))), from whole tiles or, with HALVES, halves."""
+        s = tl.dot(q1, tl.trans(k1))
+        if HALVES:
+            s = tl.dot(q2, tl.trans(k2), s)
+        return s * QK_SCALE
 
     @triton.jit
-    def _attn_fwd_short(Q, K, V, COS, SIN, O, LSE,
-                        stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-                        stride_ob, stride_ot, stride_oh, stride_cb, stride_ct, n_bh, H, T,
-                        HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE: tl.constexpr,
-                        SHARED_TABLE: tl.constexpr, BLOCK_T: tl.constexpr):
-        """Forward for T <= BLOCK_T (one tile holds every query and every key of a head): a persistent grid
-        walks the B * H heads, a whole head per step, and loads the next head's q, k, v before this head's
-        arithmetic, so that their memory latency hides behind it. With ROPE each head's q and k are rotated
-        once, with one table (queries and keys are the same positions); SHARED_TABLE (a (T, D) table, the
-        same for every sample): read once, before the loop."""
-        HALF: tl.constexpr = HEAD_DIM // 2
-        QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
+    def _softmax_pv(q1, q2, ka1, ka2, va, kc1, kc2, vc, T, QK_SCALE: tl.constexpr, KEY_A: tl.constexpr,
+                    KEY_C: tl.constexpr, HALVES: tl.constexpr):
+        """softmax(q k^T) v and the base-2 logsumexp of each row, over all the keys of a head: a KEY_A tile
+        (ka, va) and, if KEY_C > 0, a KEY_C tile (kc, vc) after it. Keys past T are masked."""
+        s = _scores(q1, q2, ka1, ka2, QK_SCALE, HALVES)
+        if KEY_C > 0:  # T > KEY_A: the first tile is all real keys
+            s_c = _scores(q1, q2, kc1, kc2, QK_SCALE, HALVES)
+            s_c = tl.where((KEY_A + tl.arange(0, KEY_C) < T)[None, :], s_c, float("-inf"))
+            m = tl.maximum(tl.max(s, 1), tl.max(s_c, 1))
+            p = tl.exp2(s - m[:, None])
+            p_c = tl.exp2(s_c - m[:, None])
+            l = tl.sum(p, 1) + tl.sum(p_c, 1)
+            acc = tl.dot(p_c.to(vc.dtype), vc, tl.dot(p.to(va.dtype), va))
+        else:
+            s = tl.where((tl.arange(0, KEY_A) < T)[None, :], s, float("-inf"))
+            m = tl.max(s, 1)
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, 1)
+            acc = tl.dot(p.to(va.dtype), va)
+        # padded query rows see the real keys too, so l > 0 everywhere
+        return acc / l[:, None], m + tl.log2(l)
+
+    @triton.jit
+    def _store_head(O, LSE, bh, b, h, acc, lse, T, stride_ob, stride_ot, stride_oh, BLOCK_T: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
+        """The output rows and logsumexp of one whole head; the padded rows are not stored."""
         offs_t = tl.arange(0, BLOCK_T)
+        tl.store(LSE + bh * T + offs_t, lse, mask=offs_t < T)
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_t < T)[:, None])
+
+    @triton.jit
+    def _load_box(desc, b, t0, h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Rows [t0, t0 + ROWS) of head h of sample b, through a TMA descriptor of a (B, T, H, D) tensor:
+        the copy engine writes the box into shared memory, and rows past T arrive as zeros
+        (out-of-bounds boxes are padded), so no masks and no address arithmetic."""
+        return desc.load([b, t0, h, 0]).reshape(ROWS, HEAD_DIM)
+
+    @triton.jit
+    def _attn_fwd_short(QD, KAD, KCD, VAD, VCD, O, LSE, stride_ob, stride_ot, stride_oh, n_bh, H, T,
+                        HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_T: tl.constexpr,
+                        KEY_A: tl.constexpr, KEY_C: tl.constexpr, NUM_STAGES: tl.constexpr):
+        """Forward without RoPE for T <= BLOCK_T: a persistent grid walks the B * H heads, a whole head
+        per step. All the queries of a head are one BLOCK_T tile; its keys and values a KEY_A tile and,
+        where one power of two would be mostly padding, a KEY_C tile (82 tokens: 64 + 32 keys, not 128).
+        q, k, v come through TMA descriptors (KCD, VCD unused when KEY_C = 0) straight into shared
+        memory, where the matrix units read them, and the loop is software-pipelined NUM_STAGES deep, so
+        that later heads' loads are in flight during this head's arithmetic."""
+        QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
+        for bh in tl.range(tl.program_id(0), n_bh, tl.num_programs(0), num_stages=NUM_STAGES):
+            b = bh // H
+            h = bh % H
+            q = _load_box(QD, b, 0, h, BLOCK_T, HEAD_DIM)
+            k_a = _load_box(KAD, b, 0, h, KEY_A, HEAD_DIM)
+            v_a = _load_box(VAD, b, 0, h, KEY_A, HEAD_DIM)
+            k_c, v_c = k_a, v_a
+            if KEY_C > 0:
+                k_c = _load_box(KCD, b, KEY_A, h, KEY_C, HEAD_DIM)
+                v_c = _load_box(VCD, b, KEY_A, h, KEY_C, HEAD_DIM)
+            acc, lse = _softmax_pv(q, q, k_a, k_a, v_a, k_c, k_c, v_c, T, QK_SCALE, KEY_A, KEY_C, False)
+            _store_head(O, LSE, bh, b, h, acc, lse, T, stride_ob, stride_ot, stride_oh, BLOCK_T, HEAD_DIM)
+
+    @triton.jit
+    def _load_rope_head(Q, K, V, COS, SIN, bh, n_bh, stride_qb, stride_qt, stride_qh, stride_vb, stride_vt,
+                        stride_vh, stride_cb, stride_ct, H, T, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                        KEY_A: tl.constexpr, KEY_C: tl.constexpr, TABLE: tl.constexpr):
+        """q (as halves, BLOCK_T rows), k (as halves) and v in a KEY_A and a KEY_C tile (the KEY_A ones
+        again when KEY_C = 0), of head bh = (batch, head); all zeros past the last head, so the prefetch
+        of a head that does not exist is harmless. With TABLE also the cos, sin of each tile's rows."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        b = bh // H
+        h = bh % H
+        T_live = tl.where(bh < n_bh, T, 0)
         offs_h = tl.arange(0, HALF)
         offs_d = tl.arange(0, HEAD_DIM)
-        mask_t = offs_t < T
+        rows_q = tl.arange(0, BLOCK_T)
+        q1, q2 = _load_halves(Q + b * stride_qb + h * stride_qh, rows_q, rows_q < T_live, stride_qt, offs_h, HALF)
+        k_base = K + b * stride_qb + h * stride_qh
+        v_base = V + b * stride_vb + h * stride_vh
+        rows_a = tl.arange(0, KEY_A)
+        ka1, ka2 = _load_halves(k_base, rows_a, rows_a < T_live, stride_qt, offs_h, HALF)
+        va = tl.load(v_base + rows_a[:, None] * stride_vt + offs_d[None, :], mask=(rows_a < T_live)[:, None],
+                     other=0.0)
+        kc1, kc2, vc = ka1, ka2, va
+        rows_c = rows_a
+        if KEY_C > 0:
+            rows_c = KEY_A + tl.arange(0, KEY_C)
+            kc1, kc2 = _load_halves(k_base, rows_c, rows_c < T_live, stride_qt, offs_h, HALF)
+            vc = tl.load(v_base + rows_c[:, None] * stride_vt + offs_d[None, :], mask=(rows_c < T_live)[:, None],
+                         other=0.0)
+        cq, sq, ca, sa, cc, sc = q1, q2, ka1, ka2, kc1, kc2  # placeholders: unused without TABLE
+        if TABLE:
+            cos_b = COS + b * stride_cb
+            sin_b = SIN + b * stride_cb
+            cq, sq = _load_table(cos_b, sin_b, rows_q, rows_q < T_live, stride_ct, offs_h)
+            ca, sa = _load_table(cos_b, sin_b, rows_a, rows_a < T_live, stride_ct, offs_h)
+            cc, sc = _load_table(cos_b, sin_b, rows_c, rows_c < T_live, stride_ct, offs_h)
+        return q1, q2, ka1, ka2, kc1, kc2, va, vc, cq, sq, ca, sa, cc, sc
+
+    @triton.jit
+    def _rotate_rounded(x1, x2, c, s):
+        """RoPE on a q or k tile held as halves, rounded back to its dtype as the reference does."""
+        r1, r2 = _rotate(x1, x2, c, s, False)
+        return r1.to(x1.dtype), r2.to(x2.dtype)
+
+    @triton.jit
+    def _attn_fwd_short_rope(Q, K, V, COS, SIN, O, LSE,
+                             stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
+                             stride_ob, stride_ot, stride_oh, stride_cb, stride_ct, n_bh, H, T,
+                             HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, SHARED_TABLE: tl.constexpr,
+                             BLOCK_T: tl.constexpr, KEY_A: tl.constexpr, KEY_C: tl.constexpr):
+        """_attn_fwd_short's walk and tiles with RoPE: q and k of each head are rotated once, in registers
+        (queries and keys are the same positions). Here the next head's q, k, v are loaded by hand before
+        this head's arithmetic (TMA and a pipelined loop measured slower: the tiles pass through
+        registers for the rotation anyway). SHARED_TABLE (a (T, D) table, the same for every sample): its
+        tiles are read once, before the loop."""
+        QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
         step = tl.num_programs(0)
-        q1, q2, k1, k2, v, c, s = _load_head(Q, K, V, COS, SIN, tl.program_id(0), n_bh, stride_qb, stride_qt,
-                                             stride_qh, stride_vb, stride_vt, stride_vh, stride_cb, stride_ct, H, T,
-                                             offs_t, offs_h, offs_d, HALF, ROPE)
+        strides = (stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_cb, stride_ct)
+        q1, q2, ka1, ka2, kc1, kc2, va, vc, cq, sq, ca, sa, cc, sc = _load_rope_head(
+            Q, K, V, COS, SIN, tl.program_id(0), n_bh, *strides, H, T, HEAD_DIM, BLOCK_T, KEY_A, KEY_C, True)
         for bh in range(tl.program_id(0), n_bh, step):
-            nq1, nq2, nk1, nk2, nv, nc, ns = _load_head(Q, K, V, COS, SIN, bh + step, n_bh, stride_qb, stride_qt,
-                                                        stride_qh, stride_vb, stride_vt, stride_vh, stride_cb,
-                                                        stride_ct, H, T, offs_t, offs_h, offs_d, HALF,
-                                                        ROPE and not SHARED_TABLE)
-            if ROPE:
-                r1, r2 = _rotate(q1, q2, c, s, False)
-                q1, q2 = r1.to(q1.dtype), r2.to(q2.dtype)
-                r1, r2 = _rotate(k1, k2, c, s, False)
-                k1, k2 = r1.to(k1.dtype), r2.to(k2.dtype)
-            acc, lse = _softmax_pv(q1, q2, k1, k2, v, mask_t, QK_SCALE)
-            tl.store(LSE + bh * T + offs_t, lse, mask=mask_t)
-            o_ptrs = O + (bh // H) * stride_ob + (bh % H) * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :]
-            tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_t[:, None])
-            q1, q2, k1, k2, v = nq1, nq2, nk1, nk2, nv
-            if ROPE and not SHARED_TABLE:
-                c, s = nc, ns
+            nq1, nq2, nka1, nka2, nkc1, nkc2, nva, nvc, ncq, nsq, nca, nsa, ncc, nsc = _load_rope_head(
+                Q, K, V, COS, SIN, bh + step, n_bh, *strides, H, T, HEAD_DIM, BLOCK_T, KEY_A, KEY_C,
+                not SHARED_TABLE)
+            q1, q2 = _rotate_rounded(q1, q2, cq, sq)
+            ka1, ka2 = _rotate_rounded(ka1, ka2, ca, sa)
+            if KEY_C > 0:
+                kc1, kc2 = _rotate_rounded(kc1, kc2, cc, sc)
+            acc, lse = _softmax_pv(q1, q2, ka1, ka2, va, kc1, kc2, vc, T, QK_SCALE, KEY_A, KEY_C, True)
+            _store_head(O, LSE, bh, bh // H, bh % H, acc, lse, T, stride_ob, stride_ot, stride_oh, BLOCK_T,
+                        HEAD_DIM)
+            q1, q2, ka1, ka2, kc1, kc2, va, vc = nq1, nq2, nka1, nka2, nkc1, nkc2, nva, nvc
+            if not SHARED_TABLE:
+                cq, sq, ca, sa, cc, sc = ncq, nsq, nca, nsa, ncc, nsc
 
     @triton.jit
     def _load_rows(ptrs, mask, other, MASKED: tl.constexpr):
@@ -575,9 +655,39 @@ def attn_fwd_config(T, D):
 
 
 def attn_short_config(T, D):
-    """(num_warps, programs per multiprocessor) of _attn_fwd_short (sweeps: notes/kernels.md, runs 5-9).
-    Eight warps share the 128 x 128 score tile; 4 spill."""
+    """(num_warps, programs per multiprocessor, num_stages) of _attn_fwd_short, without RoPE (sweeps:
+    notes/kernels.md, runs 12-16): one 8-warp program per multiprocessor, with as many heads in flight
+    (stages, up to 4) as fit in 200 KB of shared memory, where a stage holds a head's q, k and v (40 KB
+    at T = 82, D = 64)."""
+    BLOCK_T = max(16, triton.next_power_of_2(T))
+    KEY_A, KEY_C = _short_key_tiles(T, BLOCK_T)
+    stage_bytes = (BLOCK_T + 2 * (KEY_A + KEY_C)) * D * 2
+    return 8, 1, max(1, min(4, 200 * 1024 // stage_bytes))
+
+
+def attn_short_rope_config(T, D):
+    """(num_warps, programs per multiprocessor) of _attn_fwd_short_rope (runs 5-9, 14 and 16): eight warps
+    share the score tile; with four the 128-row tiles spill."""
     return 8, 2
+
+
+def _short_key_tiles(T, BLOCK_T):
+    """(KEY_A, KEY_C): the keys of a short sequence as one BLOCK_T tile, or as a half and a quarter tile
+    where those hold them (82 tokens: 64 + 32, which cuts the score and P V work by a quarter)."""
+    if BLOCK_T >= 64 and T <= BLOCK_T * 3 // 4:
+        return BLOCK_T // 2, BLOCK_T // 4
+    return BLOCK_T, 0
+
+
+def _tma_ready(x):
+    """x, or a contiguous copy, as a TMA descriptor needs it: 16-byte aligned strides and start. The
+    start is checked only outside torch.compile, which cannot trace data_ptr() or storage_offset()
+    without a graph break; there the inputs are the model's own projections, which are aligned."""
+    align = 16 // x.element_size()
+    aligned = all(st % align == 0 for st in x.stride()[:-1])
+    if aligned and not torch.compiler.is_compiling():
+        aligned = x.data_ptr() % 16 == 0
+    return x if aligned else x.clone(memory_format=torch.contiguous_format)
 
 
 def attn_bwd_config(T, D):
@@ -611,8 +721,9 @@ def _rope_qk_launch(q, k, cos, sin):
 
 def _flash_fwd(q, k, v, cos, sin, config=None, short_config=None):
     """Returns o, lse and the q, k the backward needs: as given, or already rotated (then rotated=True).
-    Up to SHORT_MAX_T tokens (unless a tiled config is given) the persistent kernel takes whole heads and
-    rotates q and k itself. With several key tiles every program would rotate every K tile again, so there
+    Up to SHORT_MAX_T tokens (unless a tiled config is given) a persistent kernel takes whole heads:
+    _attn_fwd_short_rope, which rotates q and k itself (short_config: attn_short_rope_config's form), or
+    without RoPE _attn_fwd_short (attn_short_config's form). With several key tiles every program would rotate every K tile again, so there
     a separate pass rotates q and k once and _attn_fwd gets them ready."""
     B, T, H, D = q.shape
     if q.stride() != k.stride():  # the kernels take one set of strides for q and k
@@ -620,12 +731,25 @@ def _flash_fwd(q, k, v, cos, sin, config=None, short_config=None):
     o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if config is None and T <= SHORT_MAX_T:
-        num_warps, per_sm = short_config or attn_short_config(T, D)
-        cos_, sin_, stride_cb, stride_ct = _rope_tables(q, cos, sin)
+        BLOCK_T = max(16, triton.next_power_of_2(T))
+        KEY_A, KEY_C = _short_key_tiles(T, BLOCK_T)
+        meta = dict(HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), BLOCK_T=BLOCK_T, KEY_A=KEY_A, KEY_C=KEY_C)
+        if cos is not None:
+            cos_, sin_, stride_cb, stride_ct = _rope_tables(q, cos, sin)
+            num_warps, per_sm = short_config or attn_short_rope_config(T, D)
+            _attn_fwd_short_rope[(min(B * H, per_sm * _num_sms(q.device)),)](
+                q, k, v, cos_, sin_, o, lse, *_bth(q), *_bth(v), *_bth(o), stride_cb, stride_ct, B * H, H, T,
+                **meta, SHARED_TABLE=stride_cb == 0, num_warps=num_warps)
+            return o, lse, q, k, False
+        num_warps, per_sm, num_stages = short_config or attn_short_config(T, D)
+        q_box, k_box, v_box = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+        descs = (TensorDescriptor.from_tensor(q_box, [1, BLOCK_T, 1, D]),
+                 TensorDescriptor.from_tensor(k_box, [1, KEY_A, 1, D]),
+                 TensorDescriptor.from_tensor(k_box, [1, KEY_C or KEY_A, 1, D]),
+                 TensorDescriptor.from_tensor(v_box, [1, KEY_A, 1, D]),
+                 TensorDescriptor.from_tensor(v_box, [1, KEY_C or KEY_A, 1, D]))
         _attn_fwd_short[(min(B * H, per_sm * _num_sms(q.device)),)](
-            q, k, v, cos_, sin_, o, lse, *_bth(q), *_bth(v), *_bth(o), stride_cb, stride_ct, B * H, H, T,
-            HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), ROPE=cos is not None, SHARED_TABLE=stride_cb == 0,
-            BLOCK_T=max(16, triton.next_power_of_2(T)), num_warps=num_warps)
+            *descs, o, lse, *_bth(o), B * H, H, T, **meta, NUM_STAGES=num_stages, num_warps=num_warps)
         return o, lse, q, k, False
     BLOCK_M, BLOCK_N, num_warps, num_stages = config or attn_fwd_config(T, D)
     rotated = cos is not None

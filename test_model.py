@@ -568,15 +568,16 @@ def test_attention_kernel_paths(fwd_config, bwd_config):
 @pytest.mark.parametrize("tables", ["none", "shared", "per_sample"])
 def test_persistent_forward_covers_every_head(programs, tables):
     """The short-sequence forward walks B * H = 6 heads with a grid of `programs` programs (capped at 6),
-    each prefetching its next head: uneven shares and prefetches past the last head must be right, with
-    no RoPE, one (T, D) table for all samples, or (B, T, D) tables."""
+    without RoPE its loop pipelined two heads deep, with RoPE each prefetching its next head by hand:
+    uneven shares, prefetches past the last head and programs with fewer heads than stages must be
+    right, with no RoPE, one (T, D) table for all samples, or (B, T, D) tables."""
     g = torch.Generator().manual_seed(7)
     B, T, H, D = 3, 82, 2, 64
     dtype = DTYPES[0]
     qkv, (q, k, v) = packed_qkv(B, T, H, D, dtype, g)
     cos, sin = rope_tables(B, T, D, tables == "per_sample", g) if tables != "none" else (None, None)
     q, k, v = (t.detach() for t in (q, k, v))
-    o, lse, _, _, rotated = kernels._flash_fwd(q, k, v, cos, sin, short_config=(4, programs))
+    o, lse, _, _, rotated = kernels._flash_fwd(q, k, v, cos, sin, short_config=(4, programs, 2) if cos is None else (4, programs))
     q64, k64, v64 = (t.double() for t in (q, k, v))
     if cos is not None:
         q64, k64 = (kernels.apply_rotary(x, cos.double(), sin.double()) for x in (q64, k64))
