@@ -138,15 +138,19 @@ if triton is not None:
         return y1, y2
 
     @triton.jit
+    def _rotate_rounded(x1, x2, c, s):
+        """RoPE on a q or k tile held as halves, rounded back to its dtype as the reference does."""
+        r1, r2 = _rotate(x1, x2, c, s, False)
+        return r1.to(x1.dtype), r2.to(x2.dtype)
+
+    @triton.jit
     def _load_qk(base, cos_ptr, sin_ptr, rows, mask, stride_t, stride_ct, offs_h,
                  HALF: tl.constexpr, ROPE: tl.constexpr):
         """A q or k tile as halves; with ROPE rotated, then rounded back to its dtype as the reference does."""
         x1, x2 = _load_halves(base, rows, mask, stride_t, offs_h, HALF)
         if ROPE:
             c, s = _load_table(cos_ptr, sin_ptr, rows, mask, stride_ct, offs_h)
-            r1, r2 = _rotate(x1, x2, c, s, False)
-            x1 = r1.to(x1.dtype)
-            x2 = r2.to(x2.dtype)
+            x1, x2 = _rotate_rounded(x1, x2, c, s)
         return x1, x2
 
     @triton.jit
@@ -180,13 +184,28 @@ if triton is not None:
             _store_halves(KR + b * stride_ob + h * stride_oh, y1, y2, rows, mask, stride_ot, offs_h, HALF)
 
     @triton.jit
+    def _load_box(desc, b, t0, h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Rows [t0, t0 + ROWS) of head h of sample b, through a TMA descriptor of a (B, T, H, D) tensor:
+        the copy engine writes the box into shared memory, and rows past T arrive as zeros
+        (out-of-bounds boxes are padded), so no masks and no address arithmetic."""
+        return desc.load([b, t0, h, 0]).reshape(ROWS, HEAD_DIM)
+
+    @triton.jit
+    def _store_rows(O, LSE, bh, b, h, rows, acc, lse, T, stride_ob, stride_ot, stride_oh, HEAD_DIM: tl.constexpr):
+        """Output rows `rows` of head bh = (batch b, head h) and their logsumexp; padded rows (>= T) are
+        not stored."""
+        tl.store(LSE + bh * T + rows, lse, mask=rows < T)
+        o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(rows < T)[:, None])
+
+    @triton.jit
     def _attn_fwd_step(acc, l_i, m_i, q, KD, VD, b, h, start_n, T, QK_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                        HEAD_DIM: tl.constexpr, MASK_TAIL: tl.constexpr):
         """One key block of the online softmax. K and V come through TMA descriptors (rows past T as
         zeros), straight from memory into shared memory, where the matrix units read them; only the last,
         partial block pays for the mask."""
-        k = KD.load([b, start_n, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = VD.load([b, start_n, h, 0]).reshape(BLOCK_N, HEAD_DIM)
+        k = _load_box(KD, b, start_n, h, BLOCK_N, HEAD_DIM)
+        v = _load_box(VD, b, start_n, h, BLOCK_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * QK_SCALE  # base 2: exp2(s) == exp(q.k / sqrt(D))
         if MASK_TAIL:
             s = tl.where((start_n + tl.arange(0, BLOCK_N) < T)[None, :], s, float("-inf"))
@@ -214,7 +233,7 @@ if triton is not None:
         NUM_STAGES deep."""
         QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634  # log2(e)
         pid_m, pid_bh, b, h = _block_and_head(T, BLOCK_M, H)
-        q = QD.load([b, pid_m * BLOCK_M, h, 0]).reshape(BLOCK_M, HEAD_DIM)
+        q = _load_box(QD, b, pid_m * BLOCK_M, h, BLOCK_M, HEAD_DIM)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -226,10 +245,8 @@ if triton is not None:
             acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, KD, VD, b, h, n_full, T, QK_SCALE, BLOCK_N,
                                            HEAD_DIM, True)
         # every row sees at least one real key (non-causal, T >= 1), so l_i > 0 even for padded rows
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(LSE + pid_bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]
-        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=(offs_m < T)[:, None])
+        _store_rows(O, LSE, pid_bh, b, h, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), acc / l_i[:, None],
+                    m_i + tl.log2(l_i), T, stride_ob, stride_ot, stride_oh, HEAD_DIM)
 
     @triton.jit
     def _scores(q1, q2, k1, k2, QK_SCALE: tl.constexpr, HALVES: tl.constexpr):
@@ -263,22 +280,6 @@ if triton is not None:
         return acc / l[:, None], m + tl.log2(l)
 
     @triton.jit
-    def _store_head(O, LSE, bh, b, h, acc, lse, T, stride_ob, stride_ot, stride_oh, BLOCK_T: tl.constexpr,
-                    HEAD_DIM: tl.constexpr):
-        """The output rows and logsumexp of one whole head; the padded rows are not stored."""
-        offs_t = tl.arange(0, BLOCK_T)
-        tl.store(LSE + bh * T + offs_t, lse, mask=offs_t < T)
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_t < T)[:, None])
-
-    @triton.jit
-    def _load_box(desc, b, t0, h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """Rows [t0, t0 + ROWS) of head h of sample b, through a TMA descriptor of a (B, T, H, D) tensor:
-        the copy engine writes the box into shared memory, and rows past T arrive as zeros
-        (out-of-bounds boxes are padded), so no masks and no address arithmetic."""
-        return desc.load([b, t0, h, 0]).reshape(ROWS, HEAD_DIM)
-
-    @triton.jit
     def _attn_fwd_short(QD, KAD, KCD, VAD, VCD, O, LSE, stride_ob, stride_ot, stride_oh, n_bh, H, T,
                         HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_T: tl.constexpr,
                         KEY_A: tl.constexpr, KEY_C: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -300,7 +301,8 @@ if triton is not None:
                 k_c = _load_box(KCD, b, KEY_A, h, KEY_C, HEAD_DIM)
                 v_c = _load_box(VCD, b, KEY_A, h, KEY_C, HEAD_DIM)
             acc, lse = _softmax_pv(q, q, k_a, k_a, v_a, k_c, k_c, v_c, T, QK_SCALE, KEY_A, KEY_C, False)
-            _store_head(O, LSE, bh, b, h, acc, lse, T, stride_ob, stride_ot, stride_oh, BLOCK_T, HEAD_DIM)
+            _store_rows(O, LSE, bh, b, h, tl.arange(0, BLOCK_T), acc, lse, T, stride_ob, stride_ot, stride_oh,
+                        HEAD_DIM)
 
     @triton.jit
     def _load_rope_head(Q, K, V, COS, SIN, bh, n_bh, stride_qb, stride_qt, stride_qh, stride_vb, stride_vt,
@@ -340,12 +342,6 @@ if triton is not None:
         return q1, q2, ka1, ka2, kc1, kc2, va, vc, cq, sq, ca, sa, cc, sc
 
     @triton.jit
-    def _rotate_rounded(x1, x2, c, s):
-        """RoPE on a q or k tile held as halves, rounded back to its dtype as the reference does."""
-        r1, r2 = _rotate(x1, x2, c, s, False)
-        return r1.to(x1.dtype), r2.to(x2.dtype)
-
-    @triton.jit
     def _attn_fwd_short_rope(Q, K, V, COS, SIN, O, LSE,
                              stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
                              stride_ob, stride_ot, stride_oh, stride_cb, stride_ct, n_bh, H, T,
@@ -370,8 +366,8 @@ if triton is not None:
             if KEY_C > 0:
                 kc1, kc2 = _rotate_rounded(kc1, kc2, cc, sc)
             acc, lse = _softmax_pv(q1, q2, ka1, ka2, va, kc1, kc2, vc, T, QK_SCALE, KEY_A, KEY_C, True)
-            _store_head(O, LSE, bh, bh // H, bh % H, acc, lse, T, stride_ob, stride_ot, stride_oh, BLOCK_T,
-                        HEAD_DIM)
+            _store_rows(O, LSE, bh, bh // H, bh % H, tl.arange(0, BLOCK_T), acc, lse, T, stride_ob, stride_ot,
+                        stride_oh, HEAD_DIM)
             q1, q2, ka1, ka2, kc1, kc2, va, vc = nq1, nq2, nka1, nka2, nkc1, nkc2, nva, nvc
             if not SHARED_TABLE:
                 cq, sq, ca, sa, cc, sc = ncq, nsq, nca, nsa, ncc, nsc
@@ -637,6 +633,16 @@ def _rope_tables(q, cos, sin):
 SHORT_MAX_T = 128  # up to this length the persistent one-tile forward (_attn_fwd_short) takes the call
 
 
+def _one_tile(T):
+    """The power-of-two tile (16 or more) that holds all T rows of a short sequence."""
+    return max(16, triton.next_power_of_2(T))
+
+
+def _rows_desc(x, rows):
+    """A TMA descriptor of a (B, T, H, D) tensor whose box is `rows` rows of one head."""
+    return TensorDescriptor.from_tensor(x, [1, rows, 1, x.shape[-1]])
+
+
 def attn_fwd_config(T, D):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the tiled forward, _attn_fwd. Picked from the sweeps in
     notes/kernels.md (H100, D = 64, T = 900; with TMA loads in run 17)."""
@@ -648,7 +654,7 @@ def attn_short_config(T, D):
     notes/kernels.md, runs 12-16): one 8-warp program per multiprocessor, with as many heads in flight
     (stages, up to 4) as fit in 200 KB of shared memory, where a stage holds a head's q, k and v (40 KB
     at T = 82, D = 64)."""
-    BLOCK_T = max(16, triton.next_power_of_2(T))
+    BLOCK_T = _one_tile(T)
     KEY_A, KEY_C = _short_key_tiles(T, BLOCK_T)
     stage_bytes = (BLOCK_T + 2 * (KEY_A + KEY_C)) * D * 2
     return 8, 1, max(1, min(4, 200 * 1024 // stage_bytes))
@@ -684,7 +690,7 @@ def attn_bwd_config(T, D):
     BLOCK_N keys. A dK/dV BLOCK_N >= T is the single fused launch, which needs no dQ config. The two
     kernels of the long case were swept separately (notes/kernels.md, runs 6 and 10)."""
     if T <= 128:
-        return None, (16, max(16, triton.next_power_of_2(T)), 4, 2)
+        return None, (16, _one_tile(T), 4, 2)
     return (64, 32, 4, 3), (32, 128, 4, 3)
 
 
@@ -712,15 +718,16 @@ def _flash_fwd(q, k, v, cos, sin, config=None, short_config=None):
     """Returns o, lse and the q, k the backward needs: as given, or already rotated (then rotated=True).
     Up to SHORT_MAX_T tokens (unless a tiled config is given) a persistent kernel takes whole heads:
     _attn_fwd_short_rope, which rotates q and k itself (short_config: attn_short_rope_config's form), or
-    without RoPE _attn_fwd_short (attn_short_config's form). With several key tiles every program would rotate every K tile again, so there
-    a separate pass rotates q and k once and _attn_fwd gets them ready."""
+    without RoPE _attn_fwd_short (attn_short_config's form). With several key tiles every program would
+    rotate every K tile again, so there a separate pass rotates q and k once and _attn_fwd gets them
+    ready."""
     B, T, H, D = q.shape
     if q.stride() != k.stride():  # the kernels take one set of strides for q and k
         q, k = q.contiguous(), k.contiguous()
     o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if config is None and T <= SHORT_MAX_T:
-        BLOCK_T = max(16, triton.next_power_of_2(T))
+        BLOCK_T = _one_tile(T)
         KEY_A, KEY_C = _short_key_tiles(T, BLOCK_T)
         meta = dict(HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), BLOCK_T=BLOCK_T, KEY_A=KEY_A, KEY_C=KEY_C)
         if cos is not None:
@@ -732,13 +739,10 @@ def _flash_fwd(q, k, v, cos, sin, config=None, short_config=None):
             return o, lse, q, k, False
         num_warps, per_sm, num_stages = short_config or attn_short_config(T, D)
         q_box, k_box, v_box = _tma_ready(q), _tma_ready(k), _tma_ready(v)
-        descs = (TensorDescriptor.from_tensor(q_box, [1, BLOCK_T, 1, D]),
-                 TensorDescriptor.from_tensor(k_box, [1, KEY_A, 1, D]),
-                 TensorDescriptor.from_tensor(k_box, [1, KEY_C or KEY_A, 1, D]),
-                 TensorDescriptor.from_tensor(v_box, [1, KEY_A, 1, D]),
-                 TensorDescriptor.from_tensor(v_box, [1, KEY_C or KEY_A, 1, D]))
         _attn_fwd_short[(min(B * H, per_sm * _num_sms(q.device)),)](
-            *descs, o, lse, *_bth(o), B * H, H, T, **meta, NUM_STAGES=num_stages, num_warps=num_warps)
+            _rows_desc(q_box, BLOCK_T), _rows_desc(k_box, KEY_A), _rows_desc(k_box, KEY_C or KEY_A),
+            _rows_desc(v_box, KEY_A), _rows_desc(v_box, KEY_C or KEY_A), o, lse, *_bth(o), B * H, H, T, **meta,
+            NUM_STAGES=num_stages, num_warps=num_warps)
         return o, lse, q, k, False
     BLOCK_M, BLOCK_N, num_warps, num_stages = config or attn_fwd_config(T, D)
     rotated = cos is not None
@@ -746,10 +750,9 @@ def _flash_fwd(q, k, v, cos, sin, config=None, short_config=None):
         q, k = _rope_qk_launch(q, k, cos, sin)
     q_box, k_box, v_box = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     _attn_fwd[(triton.cdiv(T, BLOCK_M) * B * H,)](
-        TensorDescriptor.from_tensor(q_box, [1, BLOCK_M, 1, D]),
-        TensorDescriptor.from_tensor(k_box, [1, BLOCK_N, 1, D]),
-        TensorDescriptor.from_tensor(v_box, [1, BLOCK_N, 1, D]), o, lse, *_bth(o), H, T, HEAD_DIM=D,
-        SM_SCALE=1.0 / math.sqrt(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=num_stages, num_warps=num_warps)
+        _rows_desc(q_box, BLOCK_M), _rows_desc(k_box, BLOCK_N), _rows_desc(v_box, BLOCK_N), o, lse, *_bth(o), H,
+        T, HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=num_stages,
+        num_warps=num_warps)
     return o, lse, q, k, rotated
 
 
