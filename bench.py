@@ -196,9 +196,10 @@ def sweep_attention(B, T):
         sweeps.append(("fwd", [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 128, 4, 3)],
                        lambda c: kernels._flash_fwd(q, k, v, cos, sin, c), kernels.attn_fwd_config(T, head_dim), flops))
         sweeps.append(("bwd (dQ config, dK/dV config)",
-                       [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 32, 4, 3), (32, 128, 4, 3)),
-                        ((128, 32, 4, 3), (32, 128, 4, 3)), ((64, 32, 4, 3), (32, 128, 4, 4)),
-                        ((64, 32, 4, 3), (16, 128, 4, 3))],
+                       [((64, 64, 4, 4), (32, 64, 4, 3)), ((64, 64, 4, 3), (32, 64, 4, 4)),
+                        ((64, 64, 4, 5), (32, 64, 4, 2)), ((64, 32, 4, 4), (16, 64, 4, 3)),
+                        ((128, 64, 8, 4), (32, 32, 4, 3)), ((64, 64, 8, 4), (64, 64, 4, 3)),
+                        ((64, 64, 4, 4), (32, 64, 8, 3)), ((64, 64, 4, 4), (32, 128, 4, 3))],
                        lambda c: kernels._flash_bwd(do, q_s, k_s, v, o, lse, cos, sin, rotated, c),
                        kernels.attn_bwd_config(T, head_dim), 2.5 * flops))
     for name, cfgs, fn, default, fl in sweeps:
@@ -224,7 +225,8 @@ def sweep_attention(B, T):
 def report_resources():
     """Registers, spills and shared memory of every compiled variant of the kernels (from Triton's cache)."""
     for fn in (kernels._attn_fwd, kernels._attn_fwd_short, kernels._attn_fwd_short_rope, kernels._attn_bwd_fused,
-               kernels._attn_bwd_dq, kernels._attn_bwd_dkdv, kernels._rope_qk, kernels._add_rms_norm_fwd, kernels._add_rms_norm_bwd):
+               kernels._attn_bwd_dq, kernels._attn_bwd_dkdv, kernels._rope_qk, kernels._add_rms_norm_fwd,
+               kernels._add_rms_norm_bwd):
         for caches in fn.device_caches.values():
             for key, k in caches[0].items():
                 md = k.metadata

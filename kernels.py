@@ -29,11 +29,14 @@ The Triton path, after Triton's tutorials (layer norm, fused attention) and Flas
   reuses them (measured in notes/kernels.md).
 - Attention backward: P is recomputed tile by tile from the rotated q, k and the logsumexp. One kernel
   walks the key blocks for each query block and accumulates dQ (and first writes delta = rowsum(dO * O));
-  a second walks the query blocks for each key block and accumulates dK, dV. Their loops take the full
-  blocks without masks and the ragged last one apart, and the last key block of the dK/dV kernel gets a
-  tile just large enough for it. When one tile holds every key (T <= 128) a single fused kernel does it
-  all: it computes delta itself and writes dQ as it goes. Gradients are rotated back (the transpose of
-  the RoPE rotation) as they are stored, so they are w.r.t. the pre-RoPE q and k.
+  a second walks the query blocks for each key block and accumulates dK, dV. Both load their tiles by
+  TMA in software-pipelined loops, whole-D (a head's tile split into halves only at the store, where
+  RoPE needs them); their loops take the full blocks without masks and the ragged last one apart, and
+  the last key block of the dK/dV kernel gets a tile just large enough for it. 64-key dK/dV tiles keep
+  the kernel clear of spills (128-key accumulators took all 255 registers). When one tile holds every
+  key (T <= 128) a single fused kernel does it all: it computes delta itself and writes dQ as it goes.
+  Gradients are rotated back (the transpose of the RoPE rotation) as they are stored, so they are
+  w.r.t. the pre-RoPE q and k.
 - RoPE uses the rotate-half layout: x = [x1, x2] (halves of the head dim) maps to
   [x1 c - x2 s, x2 c + x1 s]. Since the tables' halves are equal, kernels read only cos[..., :D/2] and
   sin[..., :D/2] and keep every q/k tile as two half tiles; a q.k^T product is the sum of two dots.
@@ -382,23 +385,19 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _dkdv_step(dk1, dk2, dv, k1, k2, v, q1, q2, do, lse, delta, mask_n, QK_SCALE: tl.constexpr,
-                   MASK_KEYS: tl.constexpr):
-        """One query block's share of dK, dV, with transposed scores (keys as rows). Returns the updated
-        accumulators and dS^T. Padded queries come with lse = +inf, so their P is exactly 0. MASK_KEYS zeroes
-        P for padded keys too: needed where dS feeds dQ (a padded key scores 0, which need not be small next
-        to lse, so exp2 may overflow), not where only dK, dV rows of padded keys, never stored, see them."""
-        st = tl.dot(k1, tl.trans(q1))
-        st = tl.dot(k2, tl.trans(q2), st) * QK_SCALE - lse[None, :]
-        if MASK_KEYS:
-            st = tl.where(mask_n[:, None], st, float("-inf"))
-        pt = tl.exp2(st)
+    def _whole_to_halves(x, ROWS: tl.constexpr, HALF: tl.constexpr):
+        """The two (ROWS, HALF) halves of a (ROWS, 2 * HALF) tile, split along the head dim."""
+        return x.reshape(ROWS, 2, HALF).permute(0, 2, 1).split()
+
+    @triton.jit
+    def _dv_and_dst(st, v, do, lse, delta, dv):
+        """From base-2 scores transposed (keys as rows, a block of queries as columns): dV += P^T dO, and
+        dS^T = P^T * (dP^T - delta) in the input dtype. Padded queries come with lse = +inf, so their P is
+        exactly 0."""
+        pt = tl.exp2(st - lse[None, :])
         dv = tl.dot(pt.to(do.dtype), do, dv)
-        dpt = tl.dot(v, tl.trans(do))
-        dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
-        dk1 = tl.dot(dst, q1, dk1)
-        dk2 = tl.dot(dst, q2, dk2)
-        return dk1, dk2, dv, dst
+        dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(do.dtype)
+        return dv, dst
 
     @triton.jit
     def _attn_bwd_fused(Q, K, V, COS, SIN, O, DO, LSE, DQ, DK, DV,
@@ -440,7 +439,12 @@ if triton is not None:
             o = tl.load(O + row, mask=mask_m[:, None], other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             lse = tl.load(LSE + bh * T + rows, mask=mask_m, other=float("inf"))
-            dk1, dk2, dv, dst = _dkdv_step(dk1, dk2, dv, k1, k2, v, q1, q2, do, lse, delta, mask_n, QK_SCALE, True)
+            # padded keys masked: their dS feeds dQ, and a padded key scores 0, which need not be small next
+            # to lse, so exp2 may overflow
+            st = tl.where(mask_n[:, None], _scores(k1, k2, q1, q2, QK_SCALE, True), float("-inf"))
+            dv, dst = _dv_and_dst(st, v, do, lse, delta, dv)
+            dk1 = tl.dot(dst, q1, dk1)
+            dk2 = tl.dot(dst, q2, dk2)
             ds = tl.trans(dst)
             _store_grad(DQ + b * stride_gb + h * stride_gh, tl.dot(ds, k1) * SM_SCALE, tl.dot(ds, k2) * SM_SCALE,
                         cos_ptr, sin_ptr, rows, mask_m, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
@@ -450,135 +454,111 @@ if triton is not None:
                     mask_n, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
 
     @triton.jit
-    def _dq_step(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, cols, T, stride_qt, stride_vt, offs_h, offs_d,
-                 QK_SCALE: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr):
-        """One key block's share of dQ; MASKED for the ragged last block."""
-        mask_n = cols < T
-        k_ptrs = k_base + cols[:, None] * stride_qt + offs_h[None, :]
-        k1 = _load_rows(k_ptrs, mask_n[:, None], 0.0, MASKED)
-        k2 = _load_rows(k_ptrs + HALF, mask_n[:, None], 0.0, MASKED)
-        v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask_n[:, None], 0.0, MASKED)
-        s = tl.dot(q1, tl.trans(k1))
-        s = tl.dot(q2, tl.trans(k2), s) * QK_SCALE - lse[:, None]
+    def _dq_block(dq, q, do, lse, delta, KD, VD, b, h, start_n, T, QK_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+        """One key block's share of dQ, K and V through TMA descriptors (rows past T as zeros); MASKED for
+        the ragged last block."""
+        k = _load_box(KD, b, start_n, h, BLOCK_N, HEAD_DIM)
+        v = _load_box(VD, b, start_n, h, BLOCK_N, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * QK_SCALE - lse[:, None]
         if MASKED:  # a padded key scores 0, which need not be small next to lse: exp2 may overflow
-            s = tl.where(mask_n[None, :], s, float("-inf"))
+            s = tl.where((start_n + tl.arange(0, BLOCK_N) < T)[None, :], s, float("-inf"))
         p = tl.exp2(s)
-        dp = tl.dot(do, tl.trans(v))
-        ds = (p * (dp - delta[:, None])).to(k1.dtype)
-        dq1 = tl.dot(ds, k1, dq1)
-        dq2 = tl.dot(ds, k2, dq2)
-        return dq1, dq2
+        ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(k.dtype)
+        return tl.dot(ds, k, dq)
 
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ,
-                     stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                     stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, H, T,
-                     HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE_OUT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dQ for one block of BLOCK_M queries, over all key blocks, from the rotated q and k. Also writes
-        delta = rowsum(dO * O), which the dK/dV kernel launched after it reads. ROPE_OUT rotates dQ back to
-        the pre-RoPE frame."""
+    def _attn_bwd_dq(QD, KD, VD, DOD, O, LSE, DELTA, DQ, COS, SIN, stride_ob, stride_ot, stride_oh,
+                     stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, H, T, HEAD_DIM: tl.constexpr,
+                     SM_SCALE: tl.constexpr, ROPE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     NUM_STAGES: tl.constexpr):
+        """dQ for one block of BLOCK_M queries, over all key blocks, from the rotated q and k, all tiles
+        through TMA descriptors, the key loop software-pipelined NUM_STAGES deep. Also writes delta =
+        rowsum(dO * O), which the dK/dV kernel launched after it reads. ROPE_OUT rotates dQ back to the
+        pre-RoPE frame."""
         HALF: tl.constexpr = HEAD_DIM // 2
         QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
         pid_m, pid_bh, b, h = _block_and_head(T, BLOCK_M, H)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_h = tl.arange(0, HALF)
-        offs_d = tl.arange(0, HEAD_DIM)
-        mask_m = offs_m < T
-
-        q1, q2 = _load_halves(Q + b * stride_qb + h * stride_qh, offs_m, mask_m, stride_qt, offs_h, HALF)
-        row = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-        do = tl.load(DO + row, mask=mask_m[:, None], other=0.0)
-        o = tl.load(O + row, mask=mask_m[:, None], other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        tl.store(DELTA + pid_bh * T + offs_m, delta, mask=mask_m)
-        # padded rows get lse = +inf, so their P (and everything downstream) is exactly 0
-        lse = tl.load(LSE + pid_bh * T + offs_m, mask=mask_m, other=float("inf"))
-
-        k_base = K + b * stride_qb + h * stride_qh
-        v_base = V + b * stride_vb + h * stride_vh
-        dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-        dq2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-        n_full = (T // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, start_n + offs_n, T, stride_qt,
-                                stride_vt, offs_h, offs_d, QK_SCALE, HALF, False)
-        if n_full < T:
-            dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, n_full + offs_n, T, stride_qt,
-                                stride_vt, offs_h, offs_d, QK_SCALE, HALF, True)
-        _store_grad(DQ + b * stride_gb + h * stride_gh, dq1 * SM_SCALE, dq2 * SM_SCALE, COS + b * stride_cb,
-                    SIN + b * stride_cb, offs_m, mask_m, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
-
-    @triton.jit
-    def _dkdv_queries(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, rows, T, stride_qt, stride_ot,
-                      offs_h, offs_d, QK_SCALE: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr):
-        """_dkdv_step on the query block `rows`, loaded from memory; MASKED for the ragged last block."""
+        start_m = pid_m * BLOCK_M
+        rows = start_m + tl.arange(0, BLOCK_M)
         mask_m = rows < T
-        q_ptrs = q_base + rows[:, None] * stride_qt + offs_h[None, :]
-        q1 = _load_rows(q_ptrs, mask_m[:, None], 0.0, MASKED)
-        q2 = _load_rows(q_ptrs + HALF, mask_m[:, None], 0.0, MASKED)
-        do = _load_rows(do_base + rows[:, None] * stride_ot + offs_d[None, :], mask_m[:, None], 0.0, MASKED)
-        lse = _load_rows(lse_base + rows, mask_m, float("inf"), MASKED)
-        delta = _load_rows(delta_base + rows, mask_m, 0.0, MASKED)
-        # no key mask (None): padded keys only reach their own dK, dV rows, which are never stored
-        dk1, dk2, dv, _ = _dkdv_step(dk1, dk2, dv, k1, k2, v, q1, q2, do, lse, delta, None, QK_SCALE, False)
-        return dk1, dk2, dv
+        q = _load_box(QD, b, start_m, h, BLOCK_M, HEAD_DIM)
+        do = _load_box(DOD, b, start_m, h, BLOCK_M, HEAD_DIM)
+        o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :],
+                    mask=mask_m[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + pid_bh * T + rows, delta, mask=mask_m)
+        # padded rows get lse = +inf, so their P (and everything downstream) is exactly 0
+        lse = tl.load(LSE + pid_bh * T + rows, mask=mask_m, other=float("inf"))
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        n_full = (T // BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, n_full, BLOCK_N, num_stages=NUM_STAGES):
+            dq = _dq_block(dq, q, do, lse, delta, KD, VD, b, h, start_n, T, QK_SCALE, BLOCK_N, HEAD_DIM, False)
+        if n_full < T:
+            dq = _dq_block(dq, q, do, lse, delta, KD, VD, b, h, n_full, T, QK_SCALE, BLOCK_N, HEAD_DIM, True)
+        dq1, dq2 = _whole_to_halves(dq * SM_SCALE, BLOCK_M, HALF)
+        _store_grad(DQ + b * stride_gb + h * stride_gh, dq1, dq2, COS + b * stride_cb, SIN + b * stride_cb, rows,
+                    mask_m, stride_gt, stride_ct, tl.arange(0, HALF), HALF, ROPE_OUT)
 
     @triton.jit
-    def _dkdv_keys(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, b, h, pid_bh, start_n,
-                   stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+    def _dkdv_block(dk, dv, k, v, QD, DOD, LSE, DELTA, b, h, pid_bh, start_m, T, QK_SCALE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+        """One query block's share of dK, dV, q and dO through TMA descriptors (rows past T as zeros);
+        MASKED for the ragged last block. Padded keys are not masked: they reach only their own rows of dK
+        and dV, which are never stored."""
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_box(QD, b, start_m, h, BLOCK_M, HEAD_DIM)
+        do = _load_box(DOD, b, start_m, h, BLOCK_M, HEAD_DIM)
+        lse = _load_rows(LSE + pid_bh * T + rows, rows < T, float("inf"), MASKED)
+        delta = _load_rows(DELTA + pid_bh * T + rows, rows < T, 0.0, MASKED)
+        dv, dst = _dv_and_dst(tl.dot(k, tl.trans(q)) * QK_SCALE, v, do, lse, delta, dv)
+        return tl.dot(dst, q, dk), dv
+
+    @triton.jit
+    def _dkdv_keys(QD, KD, VD, DOD, LSE, DELTA, DK, DV, COS, SIN, b, h, pid_bh, start_n,
                    stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, T, HEAD_DIM: tl.constexpr,
-                   SM_SCALE: tl.constexpr, ROPE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dK, dV of BLOCK_N keys from start_n of one (batch, head), over all query blocks."""
+                   SM_SCALE: tl.constexpr, ROPE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_STAGES: tl.constexpr):
+        """dK, dV of BLOCK_N keys from start_n of one (batch, head), over all query blocks (a loop
+        software-pipelined NUM_STAGES deep)."""
         HALF: tl.constexpr = HEAD_DIM // 2
         QK_SCALE: tl.constexpr = SM_SCALE * 1.4426950408889634
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_h = tl.arange(0, HALF)
-        offs_d = tl.arange(0, HEAD_DIM)
-        mask_n = offs_n < T
-        k1, k2 = _load_halves(K + b * stride_qb + h * stride_qh, offs_n, mask_n, stride_qt, offs_h, HALF)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0)
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_ob + h * stride_oh
-        dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-        dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+        k = _load_box(KD, b, start_n, h, BLOCK_N, HEAD_DIM)
+        v = _load_box(VD, b, start_n, h, BLOCK_N, HEAD_DIM)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         m_full = (T // BLOCK_M) * BLOCK_M
-        for start_m in range(0, m_full, BLOCK_M):
-            dk1, dk2, dv = _dkdv_queries(dk1, dk2, dv, k1, k2, v, q_base, do_base, LSE + pid_bh * T,
-                                         DELTA + pid_bh * T, start_m + offs_m, T, stride_qt, stride_ot, offs_h,
-                                         offs_d, QK_SCALE, HALF, False)
+        for start_m in tl.range(0, m_full, BLOCK_M, num_stages=NUM_STAGES):
+            dk, dv = _dkdv_block(dk, dv, k, v, QD, DOD, LSE, DELTA, b, h, pid_bh, start_m, T, QK_SCALE, BLOCK_M,
+                                 HEAD_DIM, False)
         if m_full < T:
-            dk1, dk2, dv = _dkdv_queries(dk1, dk2, dv, k1, k2, v, q_base, do_base, LSE + pid_bh * T,
-                                         DELTA + pid_bh * T, m_full + offs_m, T, stride_qt, stride_ot, offs_h,
-                                         offs_d, QK_SCALE, HALF, True)
+            dk, dv = _dkdv_block(dk, dv, k, v, QD, DOD, LSE, DELTA, b, h, pid_bh, m_full, T, QK_SCALE, BLOCK_M,
+                                 HEAD_DIM, True)
+        rows = start_n + tl.arange(0, BLOCK_N)
         # dV first: its registers are free before dK's rotation needs the tables (measured a little faster)
-        dv_ptrs = DV + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
-        _store_grad(DK + b * stride_gb + h * stride_gh, dk1 * SM_SCALE, dk2 * SM_SCALE, COS + b * stride_cb,
-                    SIN + b * stride_cb, offs_n, mask_n, stride_gt, stride_ct, offs_h, HALF, ROPE_OUT)
+        dv_ptrs = DV + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + tl.arange(0, HEAD_DIM)[None, :]
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(rows < T)[:, None])
+        dk1, dk2 = _whole_to_halves(dk * SM_SCALE, BLOCK_N, HALF)
+        _store_grad(DK + b * stride_gb + h * stride_gh, dk1, dk2, COS + b * stride_cb, SIN + b * stride_cb, rows,
+                    rows < T, stride_gt, stride_ct, tl.arange(0, HALF), HALF, ROPE_OUT)
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV,
-                       stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-                       stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh, stride_cb, stride_ct, H, T,
-                       HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, ROPE_OUT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAST_N: tl.constexpr):
-        """dK, dV for one key block from the rotated q and k (and the delta of _attn_bwd_dq). The last key
-        block has a tile of LAST_N keys: a BLOCK_N tile would be mostly padding when T % BLOCK_N is small
-        (900 keys: 7 blocks of 128 and one of 16, not 8 of 128)."""
+    def _attn_bwd_dkdv(QD, KD, VD, KLD, VLD, DOD, LSE, DELTA, DK, DV, COS, SIN, stride_gb, stride_gt, stride_gh,
+                       stride_cb, stride_ct, H, T, HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr,
+                       ROPE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAST_N: tl.constexpr,
+                       NUM_STAGES: tl.constexpr):
+        """dK, dV for one key block from the rotated q and k (and the delta of _attn_bwd_dq), all tiles
+        through TMA descriptors: KD, VD with BLOCK_N-row boxes, KLD, VLD with LAST_N-row boxes for the last
+        key block, whose tile is LAST_N keys: a BLOCK_N tile would be mostly padding when T % BLOCK_N is
+        small (900 keys: 14 blocks of 64 and one of 16, not 15 of 64)."""
         pid_n, pid_bh, b, h = _block_and_head(T, BLOCK_N, H)
-        strides = (stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot,
-                   stride_oh, stride_gb, stride_gt, stride_gh, stride_cb, stride_ct)
+        start_n = pid_n * BLOCK_N
         if pid_n == tl.cdiv(T, BLOCK_N) - 1:
-            _dkdv_keys(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, b, h, pid_bh, pid_n * BLOCK_N, *strides, T,
-                       HEAD_DIM, SM_SCALE, ROPE_OUT, BLOCK_M, LAST_N)
+            _dkdv_keys(QD, KLD, VLD, DOD, LSE, DELTA, DK, DV, COS, SIN, b, h, pid_bh, start_n, stride_gb, stride_gt,
+                       stride_gh, stride_cb, stride_ct, T, HEAD_DIM, SM_SCALE, ROPE_OUT, BLOCK_M, LAST_N, NUM_STAGES)
         else:
-            _dkdv_keys(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, b, h, pid_bh, pid_n * BLOCK_N, *strides, T,
-                       HEAD_DIM, SM_SCALE, ROPE_OUT, BLOCK_M, BLOCK_N)
+            _dkdv_keys(QD, KD, VD, DOD, LSE, DELTA, DK, DV, COS, SIN, b, h, pid_bh, start_n, stride_gb, stride_gt,
+                       stride_gh, stride_cb, stride_ct, T, HEAD_DIM, SM_SCALE, ROPE_OUT, BLOCK_M, BLOCK_N, NUM_STAGES)
 
     @triton.jit
     def _add_rms_norm_fwd(X, Y, OUT, RSTD, n_rows, N, stride_x, stride_y, stride_o,
@@ -675,11 +655,12 @@ def _short_key_tiles(T, BLOCK_T):
 
 
 def _tma_ready(x):
-    """x, or a contiguous copy, as a TMA descriptor needs it: 16-byte aligned strides and start. The
+    """x, or a contiguous copy, as a TMA descriptor needs it: unit last stride, other strides 16-byte
+    aligned and not 0 (an expanded tensor, like the gradient of a sum), and a 16-byte aligned start. The
     start is checked only outside torch.compile, which cannot trace data_ptr() or storage_offset()
     without a graph break; there the inputs are the model's own projections, which are aligned."""
     align = 16 // x.element_size()
-    aligned = all(st % align == 0 for st in x.stride()[:-1])
+    aligned = x.stride(-1) == 1 and all(st > 0 and st % align == 0 for st in x.stride()[:-1])
     if aligned and not torch.compiler.is_compiling():
         aligned = x.data_ptr() % 16 == 0
     return x if aligned else x.clone(memory_format=torch.contiguous_format)
@@ -687,11 +668,12 @@ def _tma_ready(x):
 
 def attn_bwd_config(T, D):
     """(dQ config, dK/dV config), each (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M queries and
-    BLOCK_N keys. A dK/dV BLOCK_N >= T is the single fused launch, which needs no dQ config. The two
-    kernels of the long case were swept separately (notes/kernels.md, runs 6 and 10)."""
+    BLOCK_N keys and num_stages the depth of the pipelined loop. A dK/dV BLOCK_N >= T is the single fused
+    launch, which needs no dQ config. The two kernels of the long case were swept separately, with TMA
+    loads (notes/kernels.md, v8: runs 19 and 21)."""
     if T <= 128:
         return None, (16, _one_tile(T), 4, 2)
-    return (64, 32, 4, 3), (32, 128, 4, 3)
+    return (64, 64, 4, 4), (32, 64, 4, 3)
 
 
 def _num_sms(device):
@@ -767,10 +749,6 @@ def _flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, config=None):
     """dq, dk, dv (w.r.t. the pre-RoPE q, k); q, k as _flash_fwd returned them."""
     B, T, H, D = q.shape
     dq_config, dkdv_config = config or attn_bwd_config(T, D)
-    if q.stride() != k.stride():
-        q, k = q.contiguous(), k.contiguous()
-    if do.stride() != o.stride():  # the kernels take one set of strides for o and do
-        do = do.contiguous()
     BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
     one_block = T <= BLOCK_N
     if cos is not None and not rotated and not one_block:  # the two-kernel backward reads q and k rotated
@@ -778,20 +756,30 @@ def _flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, config=None):
     cos_, sin_, stride_cb, stride_ct = _rope_tables(q, cos, sin)
     # three tensors, not views of one buffer: see _rope_qk_launch
     dq, dk, dv = (torch.empty((B, T, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    args = (*_bth(q), *_bth(v), *_bth(o), *_bth(dq), stride_cb, stride_ct, H, T)
     meta = dict(HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), ROPE_OUT=cos is not None)
     if one_block:
+        if q.stride() != k.stride():  # the fused kernel takes one set of strides for q and k
+            q, k = q.contiguous(), k.contiguous()
+        if do.stride() != o.stride():  # and one for o and do
+            do = do.contiguous()
         _attn_bwd_fused[(B * H,)](
-            q, k, v, cos_, sin_, o, do, lse, dq, dk, dv, *args, **meta, ROPE_IN=cos is not None and not rotated,
-            BLOCK_M=BLOCK_M, BLOCK_T=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+            q, k, v, cos_, sin_, o, do, lse, dq, dk, dv, *_bth(q), *_bth(v), *_bth(o), *_bth(dq), stride_cb,
+            stride_ct, H, T, **meta, ROPE_IN=cos is not None and not rotated, BLOCK_M=BLOCK_M, BLOCK_T=BLOCK_N,
+            num_warps=num_warps, num_stages=num_stages)
         return dq, dk, dv
+    q, k, v, do = (_tma_ready(x) for x in (q, k, v, do))
     delta = torch.empty_like(lse)
-    _attn_bwd_dq[(triton.cdiv(T, dq_config[0]) * B * H,)](
-        q, k, v, cos_, sin_, o, do, lse, delta, dq, *args, **meta, BLOCK_M=dq_config[0], BLOCK_N=dq_config[1],
-        num_warps=dq_config[2], num_stages=dq_config[3])
+    BLOCK_M_Q, BLOCK_N_Q, num_warps_q, num_stages_q = dq_config
+    _attn_bwd_dq[(triton.cdiv(T, BLOCK_M_Q) * B * H,)](
+        _rows_desc(q, BLOCK_M_Q), _rows_desc(k, BLOCK_N_Q), _rows_desc(v, BLOCK_N_Q), _rows_desc(do, BLOCK_M_Q), o,
+        lse, delta, dq, cos_, sin_, *_bth(o), *_bth(dq), stride_cb, stride_ct, H, T, **meta, BLOCK_M=BLOCK_M_Q,
+        BLOCK_N=BLOCK_N_Q, NUM_STAGES=num_stages_q, num_warps=num_warps_q)
+    LAST_N = _last_block(T, BLOCK_N)
     _attn_bwd_dkdv[(triton.cdiv(T, BLOCK_N) * B * H,)](
-        q, k, v, cos_, sin_, do, lse, delta, dk, dv, *args, **meta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        LAST_N=_last_block(T, BLOCK_N), num_warps=num_warps, num_stages=num_stages)
+        _rows_desc(q, BLOCK_M), _rows_desc(k, BLOCK_N), _rows_desc(v, BLOCK_N), _rows_desc(k, LAST_N),
+        _rows_desc(v, LAST_N), _rows_desc(do, BLOCK_M), lse, delta, dk, dv, cos_, sin_, *_bth(dq), stride_cb,
+        stride_ct, H, T, **meta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, LAST_N=LAST_N, NUM_STAGES=num_stages,
+        num_warps=num_warps)
     return dq, dk, dv
 
 

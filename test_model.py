@@ -498,6 +498,7 @@ def check_attention(B, T, H, D, dtype, rope, per_sample=False, seed=0, scale=1.0
     (1, 82, 2, 128, False),
     (1, 127, 2, 128, True),
     (1, 256, 1, 64, False),  # whole key blocks only: no ragged tail
+    (1, 200, 1, 128, False),  # the two-kernel backward at head_dim 128
     (1, 900, 1, 64, True),   # mazes / ARC: many key blocks and a ragged tail
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -509,6 +510,21 @@ def test_attention_matches_reference(B, T, H, D, per_sample, dtype):
 @pytest.mark.parametrize("T", [82, 200])
 def test_attention_without_rope(T):
     check_attention(2, T, 2, 64, DTYPES[-1], rope=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [82, 200])
+def test_attention_backward_of_a_sum(T):
+    """out.sum().backward() hands the backward an expanded gradient (all strides 0), which neither a
+    kernel's shared strides nor a TMA descriptor can take as it is."""
+    g = torch.Generator().manual_seed(2)
+    dtype = DTYPES[0]
+    qkv, (q, k, v) = packed_qkv(1, T, 2, 64, dtype, g)
+    cos, sin = rope_tables(1, T, 64, False, g)
+    kernels.flash_attention(q, k, v, cos, sin).sum().backward()
+    qkv64 = qkv.detach().double().requires_grad_()
+    kernels.attention_reference(*qkv64.split(2, dim=2), cos.double(), sin.double()).sum().backward()
+    assert rel_err(qkv.grad, qkv64.grad) < TOL[dtype]
 
 
 @needs_triton
