@@ -751,6 +751,8 @@ def _flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, config=None):
     dq_config, dkdv_config = config or attn_bwd_config(T, D)
     BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
     one_block = T <= BLOCK_N
+    if q.stride() != k.stride():  # the RoPE pass and the fused kernel take one set of strides for q and k
+        q, k = q.contiguous(), k.contiguous()
     if cos is not None and not rotated and not one_block:  # the two-kernel backward reads q and k rotated
         q, k = _rope_qk_launch(q, k, cos, sin)
     cos_, sin_, stride_cb, stride_ct = _rope_tables(q, cos, sin)
@@ -758,9 +760,7 @@ def _flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, config=None):
     dq, dk, dv = (torch.empty((B, T, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
     meta = dict(HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), ROPE_OUT=cos is not None)
     if one_block:
-        if q.stride() != k.stride():  # the fused kernel takes one set of strides for q and k
-            q, k = q.contiguous(), k.contiguous()
-        if do.stride() != o.stride():  # and one for o and do
+        if do.stride() != o.stride():  # the fused kernel takes one set of strides for o and do
             do = do.contiguous()
         _attn_bwd_fused[(B * H,)](
             q, k, v, cos_, sin_, o, do, lse, dq, dk, dv, *_bth(q), *_bth(v), *_bth(o), *_bth(dq), stride_cb,

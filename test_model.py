@@ -580,6 +580,24 @@ def test_attention_kernel_paths(fwd_config, bwd_config):
 
 
 @needs_triton
+def test_backward_takes_q_and_k_with_different_strides():
+    """The two-kernel backward of unrotated q, k rotates them first, in a pass that reads both with one
+    set of strides: a k laid out differently from q must be copied, not misread."""
+    g = torch.Generator().manual_seed(8)
+    B, T, H, D = 1, 82, 2, 64
+    dtype = DTYPES[0]
+    q, v, do = (torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    k = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    cos, sin = rope_tables(B, T, D, False, g)
+    o, lse, q_saved, k_saved, rotated = kernels._flash_fwd(q, k, v, cos, sin)
+    grads = kernels._flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, ((32, 32, 4, 1), (32, 64, 4, 1)))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = kernels.attention_reference(q64, k64, v64, cos.double(), sin.double())
+    for a, b in zip(grads, torch.autograd.grad(ref, (q64, k64, v64), do.double())):
+        assert rel_err(a, b) < TOL[dtype]
+
+
+@needs_triton
 @pytest.mark.parametrize("programs", [1, 4, 6, 9])
 @pytest.mark.parametrize("tables", ["none", "shared", "per_sample"])
 def test_persistent_forward_covers_every_head(programs, tables):
