@@ -1,35 +1,61 @@
 """
-Poor man's configurator, after nanoGPT. Run from a script as
+Poor man's configurator, after nanoGPT. A script sets its config as module-level globals, names them in
+`config_keys`, then runs
 
     exec(open('configurator.py').read())
 
-It walks sys.argv: a bare argument is a Python file of assignments (config/sudoku.py) executed over the
-script's globals; --key=value overrides one global, parsed with ast.literal_eval (left a string when that
-fails) and type-checked against the default. An int is accepted where a float is expected.
+Each command-line argument is a Python file of assignments (config/sudoku.py), run in a namespace holding
+the config so far, or --key=value. Either way only the keys in config_keys are accepted and every value
+keeps its default's type (an int may stand for a float): --key=value is read as that type, so a string
+stays a string (--puzzle=4000008050... is text, not a number). A problem is one line naming the argument.
+What the arguments set is left in config_overrides (key -> value): a resumed run re-applies only those.
 """
+import builtins
 import sys
 from ast import literal_eval
 
+
+def _typed(value, default, where):
+    """value as the type of default (value is a string from the command line, or a config file's object)."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = {"True": True, "False": False}[value] if kind is bool else literal_eval(value)
+        except (KeyError, SyntaxError, ValueError):
+            pass
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise SystemExit(f"{where}: expected {kind.__name__} (default {default!r}), got {value!r}")
+    return value
+
+
+config_overrides = {}
 for _arg in sys.argv[1:]:
-    if not _arg.startswith('--'):
+    if _arg.startswith('--') and '=' in _arg:
+        _key, _val = _arg[2:].split('=', 1)
+        if _key not in config_keys:
+            raise SystemExit(f"{_arg}: unknown config key {_key!r}")
+        globals()[_key] = config_overrides[_key] = _typed(_val, globals()[_key], _arg)
+        print(f"Overriding: {_key} = {globals()[_key]!r}")
+    elif _arg.endswith('.py') and not _arg.startswith('-'):
+        try:
+            with open(_arg) as _f:
+                _source = _f.read()
+        except OSError as _e:
+            raise SystemExit(f"{_arg}: cannot read this config file ({_e.strerror})")
         print(f"Overriding config with {_arg}")
-        with open(_arg) as _f:
-            exec(_f.read())
-        continue
-    if '=' not in _arg:
-        raise SystemExit(f"configurator: expected --key=value, got {_arg!r}")
-    _key, _val = _arg[2:].split('=', 1)
-    if _key not in globals() or _key.startswith('_'):
-        raise SystemExit(f"configurator: unknown config key {_key!r}")
-    try:
-        _new = literal_eval(_val)
-    except (SyntaxError, ValueError):
-        _new = _val
-    _old = globals()[_key]
-    if isinstance(_old, float) and type(_new) is int:
-        _new = float(_new)
-    if _old is not None and type(_new) is not type(_old):
-        raise SystemExit(f"configurator: --{_key} expects {type(_old).__name__} "
-                         f"(default {_old!r}), got {_val!r}")
-    print(f"Overriding: {_key} = {_new!r}")
-    globals()[_key] = _new
+        _namespace = {_k: globals()[_k] for _k in config_keys}
+        _before = dict(_namespace)
+        try:
+            exec(builtins.compile(_source, _arg, "exec"), _namespace)  # `compile` may be a config key
+        except Exception as _e:
+            raise SystemExit(f"{_arg}: {type(_e).__name__}: {_e}")
+        for _key, _val in _namespace.items():
+            if _key.startswith('_') or type(_val).__name__ == 'module' or _val is _before.get(_key, _arg):
+                continue  # not a setting, or not set by this file
+            if _key not in config_keys:
+                raise SystemExit(f"{_arg}: unknown config key {_key!r}")
+            globals()[_key] = config_overrides[_key] = _typed(_val, globals()[_key], f"{_arg}: {_key}")
+    else:
+        raise SystemExit(f"{_arg}: expected --key=value or a config file ending in .py")

@@ -13,6 +13,7 @@ checkpoints. Read it top to bottom: layers, the config, the model (embeddings, t
 segment, the loss), the optimizers, then loading the original's checkpoints.
 """
 import math
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -20,9 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
+from dataset import DataError, IGNORE_LABEL_ID  # labels equal to IGNORE_LABEL_ID are not scored
 from kernels import attention, add_rms_norm
-
-IGNORE_LABEL_ID = -100  # labels with this value are not scored
 
 # -----------------------------------------------------------------------------
 # layers
@@ -214,6 +214,8 @@ class HRMConfig:
             raise ValueError(f"pos_encodings must be 'rope' or 'learned', got {self.pos_encodings!r}")
         if self.loss_type not in LOSSES:
             raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, got {self.loss_type!r}")
+        if self.forward_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"forward_dtype must be 'float32', 'bfloat16' or 'float16', got {self.forward_dtype!r}")
 
 
 @dataclass
@@ -224,6 +226,18 @@ class Carry:
     steps: torch.Tensor         # (B,) int32 segments run on the current example
     halted: torch.Tensor        # (B,) bool: the example is done; the next segment starts a new one
     current_data: dict          # the batch entries of the example each sequence is working on
+
+    def state_dict(self):
+        """Every tensor of the carry by name (the data's under 'data.'), for a checkpoint."""
+        return dict(z_H=self.z_H, z_L=self.z_L, steps=self.steps, halted=self.halted,
+                    **{f"data.{k}": v for k, v in self.current_data.items()})
+
+    @classmethod
+    def from_state_dict(cls, state, rows=slice(None), device=None):
+        """The carry of state_dict()'s output, its sequences `rows` only (a process's slice), on device."""
+        state = {k: v[rows].to(device) for k, v in state.items()}
+        return cls(z_H=state.pop("z_H"), z_L=state.pop("z_L"), steps=state.pop("steps"), halted=state.pop("halted"),
+                   current_data={k.removeprefix("data."): v for k, v in state.items()})
 
 
 class HRM(nn.Module):
@@ -542,16 +556,48 @@ def convert_reference_state_dict(state_dict):
 
 def load_reference_checkpoint(state_dict, reference_config, **overrides):
     """An HRM holding the weights of a checkpoint saved by the original implementation. `state_dict` is
-    the loaded checkpoint (or its path); keys missing or left over are an error that names them."""
+    the loaded checkpoint (or its path); keys missing or left over are a DataError that names them."""
+    where = state_dict if isinstance(state_dict, str) else "the checkpoint"
     if isinstance(state_dict, str):
-        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
+        state_dict = load_checkpoint(state_dict, required=())
     model = HRM(config_from_reference(reference_config, **overrides))
     converted = convert_reference_state_dict(state_dict)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the model: missing {missing or 'none'}, "
-                       f"unexpected {unexpected or 'none'}")
+    mismatched = sorted(k for k in set(expected) & set(converted) if expected[k].shape != converted[k].shape)
+    if missing or unexpected or mismatched:
+        raise DataError(f"{where} does not match the model: missing {missing or 'none'}, unexpected "
+                        f"{unexpected or 'none'}, other shapes {mismatched or 'none'}")
     model.load_state_dict(converted)
     return model
+
+
+def load_checkpoint(path, required=("model", "model_args", "config", "iter_num")):
+    """A checkpoint read with weights_only=True (tensors and plain values, no code runs). A missing,
+    truncated or foreign file is a DataError naming it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except Exception as e:  # torch.load raises many types for a damaged or foreign file
+        raise DataError(f"{path}: not a readable checkpoint, truncated or from other code? "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    missing = [k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise DataError(f"{path}: not a checkpoint of train.py (no {', '.join(missing)})")
+    return checkpoint
+
+
+def check_device(device):
+    """device ('cpu', 'cuda', 'cuda:<n>' or 'mps') if torch can use it here, else a DataError saying why."""
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise DataError(f"device={device!r}: must be 'cpu', 'cuda', 'cuda:<n>' or 'mps'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"device={device!r}, but torch sees no CUDA GPU (a CPU-only build of torch, or no driver?); "
+                        f"use --device=cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise DataError(f"device={device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise DataError("device='mps', but MPS is not available here")
+    return device

@@ -1,130 +1,146 @@
 """
-Solve Sudoku puzzles with a trained HRM.
+Run a trained HRM on new inputs: the task is the one its dataset was built for.
 
+Sudoku:
 $ python sample.py --out_dir=out-sudoku --puzzle="4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
 $ python sample.py --out_dir=out-sudoku --puzzles=my_puzzles.txt      # one 81-character puzzle per line
 $ python sample.py --out_dir=out-sudoku --puzzles=test.csv            # Sudoku-Extreme CSV: answers are scored
 $ python sample.py --out_dir=out-sudoku --puzzle=... --show_steps=True --halt_max_steps=32
 
-A puzzle is 81 characters, row by row, '.' or '0' for a blank. A puzzle that cannot be read (wrong length,
-other characters, clues that already conflict) gets a one-line error and the others are still solved.
+A Sudoku is 81 characters, row by row, '.' or '0' for a blank. An input that cannot be read (wrong length,
+other characters, clues that already conflict, an answer that does not solve it) gets a one-line error and
+the others are still solved; the exit status is non-zero when none could be.
 """
-import csv
 import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from model import HRM, HRMConfig
-from prepare_sudoku import check_solution, decode, encode, format_grid, parse_puzzle, puzzle_conflicts
+from dataset import BadRows, DataError
+from model import HRM, HRMConfig, check_device, load_checkpoint
 
 # -----------------------------------------------------------------------------
+_not_config = set(globals())
 out_dir = 'out-sudoku'      # holds ckpt.pt from train.py
-puzzle = ''                 # one puzzle
-puzzles = ''                # a text file of puzzles, or a CSV with a 'question' (and 'answer') column
+puzzle = ''                 # Sudoku: one puzzle
+puzzles = ''                # Sudoku: a text file of puzzles, or a CSV with a 'question' (and 'answer') column
 max_puzzles = 0             # if > 0, solve only the first this-many
-halt_max_steps = 0          # if > 0, ACT segments per puzzle (may exceed the number trained with)
+halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with)
 show_steps = False          # print the board after every segment with the Q head's halting probability
 batch_size = 256
-quiet = False               # with many puzzles: print only errors and the score
+quiet = False               # with many inputs: print only errors and the score
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 compile = False
+config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
 # -----------------------------------------------------------------------------
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-
-
-def read_puzzles():
-    """(name, question, answer or None) for every puzzle asked for."""
-    found = []
-    if puzzle:
-        found.append(('--puzzle', puzzle, None))
-    if puzzles:
-        if not os.path.exists(puzzles):
-            raise SystemExit(f"sample: no such file {puzzles}")
-        with open(puzzles, newline='') as f:
-            first = f.readline()
-            f.seek(0)
-            if 'question' in first.split(','):  # a CSV in Sudoku-Extreme's format
-                for line, row in enumerate(csv.DictReader(f), start=2):
-                    found.append((f"{puzzles} line {line}", row['question'], row.get('answer')))
-            else:
-                for line, text in enumerate(f, start=1):
-                    if text.strip():
-                        found.append((f"{puzzles} line {line}", text.strip(), None))
-    if not found:
-        raise SystemExit("sample: give --puzzle=<81 characters> or --puzzles=<file>")
-    return found[:max_puzzles] if max_puzzles > 0 else found
 
 
 def load_model():
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"sample: no checkpoint at {ckpt_path} (train one with train.py, or set --out_dir)")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    model = HRM(HRMConfig(**dict(checkpoint['model_args'], forward_dtype=dtype)))
+    """(task, model, forward): the checkpoint's model in eval mode, and it or its compiled version."""
+    try:
+        checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        model = HRM(HRMConfig(**dict(checkpoint['model_args'], forward_dtype=dtype)))
+    except (DataError, ValueError) as e:
+        raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
     model.load_state_dict(checkpoint['model'])
     if halt_max_steps > 0:
         model.config.halt_max_steps = halt_max_steps  # ACT can think longer than it was trained to
     model.to(device).eval()
-    return model, torch.compile(model) if compile else model
+    return checkpoint.get('task') or 'sudoku', model, torch.compile(model) if compile else model
 
 
 @torch.no_grad()
-def solve(model, forward, grids):
-    """Digits (N, 81) -> predicted digits after every segment, (segments, N, 81), and the halting
-    probabilities (segments, N). `forward` is the model, or its compiled version."""
-    tokens = torch.from_numpy(encode(grids).astype(np.int32))
-    batch = dict(inputs=tokens.to(device), puzzle_identifiers=torch.zeros(len(grids), dtype=torch.int32, device=device))
-    carry, boards, q_halt = model.initial_carry(batch), [], []
+def run(model, forward, tokens):
+    """Tokens (N, seq_len) -> predicted tokens after every segment (segments, N, seq_len) and the Q head's
+    halting probabilities (segments, N)."""
+    batch = dict(inputs=torch.from_numpy(tokens.astype(np.int32)).to(device),
+                 puzzle_identifiers=torch.zeros(len(tokens), dtype=torch.int32, device=device))
+    carry, predictions, q_halt = model.initial_carry(batch), [], []
     while True:
         carry, _, _, outputs = forward(carry, batch)
-        boards.append(decode(outputs['logits'].argmax(-1).cpu().numpy()))
-        q_halt.append(torch.sigmoid(outputs['q_halt_logits']).cpu().numpy())
+        predictions.append(outputs['logits'].argmax(-1).cpu().numpy())
+        q_halt.append(torch.sigmoid(outputs['q_halt_logits']).float().cpu().numpy())
         if carry.halted.all():
-            return np.stack(boards), np.stack(q_halt)
+            return np.stack(predictions), np.stack(q_halt)
 
 
-def main():
-    model, forward = load_model()
-    readable, errors = [], 0
-    for name, question, answer in read_puzzles():
+def sudoku(model, forward):
+    import prepare_sudoku as ps
+    entries, errors = [], 0  # (name, question digits, answer digits or None)
+    if puzzle:
         try:
-            grid = parse_puzzle(question)
-            conflict = puzzle_conflicts(grid)
-            if conflict:
-                raise ValueError(conflict)
-            readable.append((name, grid, None if answer is None else parse_puzzle(answer)))
+            entries.append(("--puzzle", ps.parse_puzzle(puzzle), None))
         except ValueError as e:
-            print(f"sample: {name}: {e}")
+            print(f"sample.py: --puzzle: {e}")
             errors += 1
-    valid_count = scored = correct = 0
-    for start in range(0, len(readable), batch_size):
-        chunk = readable[start:start + batch_size]
-        boards, q_halt = solve(model, forward, np.stack([grid for _, grid, _ in chunk]))
-        for i, (name, grid, answer) in enumerate(chunk):
+    if puzzles:
+        with open(puzzles, encoding='utf-8-sig') as f:
+            is_csv = 'question' in f.readline().split(',')
+        if is_csv:  # the builder's reader and checks; bad rows are counted
+            bad = BadRows(skip_bad=True)
+            try:
+                questions, answers, _, lines = ps.read_sudoku_csv(puzzles, bad=bad, need_answers=False)
+            except DataError as e:
+                questions, answers, lines = [], None, []
+                print(f"sample.py: {e}")
+            entries += [(f"{puzzles} line {line}", q, None if answers is None else answers[i])
+                        for i, (line, q) in enumerate(zip(lines, questions))]
+            for line in bad.report():
+                print(f"sample.py: {line}")
+            errors += sum(bad.counts.values())
+        else:
+            with open(puzzles, encoding='utf-8-sig') as f:
+                for line, text in enumerate(f, start=1):
+                    try:
+                        if text.strip():
+                            entries.append((f"{puzzles} line {line}", ps.parse_puzzle(text), None))
+                    except ValueError as e:
+                        print(f"sample.py: {puzzles} line {line}: {e}")
+                        errors += 1
+    entries = entries[:max_puzzles] if max_puzzles > 0 else entries
+    if not entries:
+        raise DataError(f"no puzzle could be read ({errors} had errors)" if errors else
+                        "give --puzzle=<81 characters> or --puzzles=<file>")
+    valid = scored = correct = 0
+    for start in tqdm(range(0, len(entries), batch_size), desc='solving', disable=quiet or len(entries) <= batch_size):
+        chunk = entries[start:start + batch_size]
+        tokens, q_halt = run(model, forward, ps.encode(np.stack([q for _, q, _ in chunk])))
+        boards = ps.decode(tokens)
+        problems = ps.grid_problems(np.stack([q for _, q, _ in chunk]), boards[-1])
+        for i, (name, question, answer) in enumerate(chunk):
             final = boards[-1, i]
-            problem = check_solution(grid, final)
-            valid_count += problem is None
+            valid += problems[i] is None
             matches = answer is not None and np.array_equal(final, answer)
-            scored += answer is not None
-            correct += matches
+            scored, correct = scored + (answer is not None), correct + matches
             if quiet:
                 continue
-            print(f"\n{name}\npuzzle:\n{format_grid(grid)}")
-            if show_steps:
-                for step in range(len(boards)):
-                    print(f"after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
-                          f"{format_grid(boards[step, i])}")
-            verdict = 'a valid solution' if problem is None else f'not a solution ({problem})'
+            print(f"\n{name}\npuzzle:\n{ps.format_grid(question)}")
+            for step in range(len(boards) if show_steps else 0):
+                print(f"after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
+                      f"{ps.format_grid(boards[step, i])}")
+            verdict = 'a valid solution' if problems[i] is None else f'not a solution ({problems[i][1]})'
             if answer is not None:
                 verdict += ', matches the answer' if matches else ', differs from the answer'
-            print(f"solution after {len(boards)} segments, {verdict}:\n{format_grid(final)}")
-    print(f"\n{len(readable)} puzzle(s) through the model, {valid_count} answered with a valid Sudoku solution"
+            print(f"solution after {len(boards)} segments, {verdict}:\n{ps.format_grid(final)}")
+    print(f"\n{len(entries)} puzzle(s) through the model, {valid} answered with a valid Sudoku solution"
           + (f"; {errors} could not be read" if errors else ''))
     if scored:
         print(f"exact accuracy against the given answers: {correct}/{scored} = {correct / scored:.4f}")
 
 
+TASKS = {'sudoku': sudoku}  # the dataset's task -> what sample.py does with its model
+
 if __name__ == '__main__':
-    main()
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    try:
+        if batch_size < 1 or max_puzzles < 0 or halt_max_steps < 0:
+            raise DataError("batch_size must be >= 1, max_puzzles and halt_max_steps >= 0")
+        if puzzles and not os.path.isfile(puzzles):
+            raise DataError(f"{puzzles}: no such file")
+        check_device(device)
+        task, model, forward = load_model()
+        TASKS[task](model, forward)
+    except DataError as e:
+        raise SystemExit(f"sample.py: {e}")

@@ -1,5 +1,5 @@
 """
-Train an HRM on a puzzle dataset written by prepare_sudoku.py (the original implementation's layout).
+Train an HRM on a dataset written by a prepare_*.py script (or by the original code's dataset builders).
 
 One process (GPU, CPU or MPS):
 $ python train.py config/sudoku.py
@@ -8,24 +8,28 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/sudoku.py
 $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=1234 train.py config/sudoku.py
 
 The ACT carry persists from step to step: each step runs one segment on every sequence of the batch, and
-only the sequences that halted take a fresh example from the next batch, as in the original.
+only the sequences that halted take a fresh example from the next batch, as in the original. Evaluation
+reports the model's metrics and, where the dataset names its task, the task's own (prepare_<task>.py's
+evaluate: a maze's path validity, ARC's voted answers).
 """
+import importlib
 import json
 import logging
 import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import HRM, HRMConfig, IGNORE_LABEL_ID, Carry, load_reference_checkpoint
+from dataset import DataError, PuzzleData, TrainBatches, remove_stale_temp_files, test_batches
+from model import HRM, HRMConfig, LOSSES, Carry, check_device, load_checkpoint, load_reference_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe (see config/*.py for others)
+_not_config = set(globals())
 # I/O
 out_dir = 'out-sudoku'
 eval_interval = 2000        # steps between evaluations (and checkpoints)
@@ -36,11 +40,11 @@ init_from = 'scratch'       # 'scratch', 'resume' (from out_dir), or 'reference'
 reference_checkpoint = ''   # with init_from='reference': path of a checkpoint saved by github.com/sapientinc/HRM
 wandb_log = False           # wandb is imported only when this is on
 wandb_project = 'hrm'
-wandb_run_name = 'sudoku'
+wandb_run_name = 'hrm'
 # data
 dataset = 'sudoku-extreme-1k-aug-1000'  # data/<dataset>/{train,test}
 global_batch_size = 384     # sequences per step, summed over processes
-epochs = 20000              # passes over the training puzzles; sets the number of steps
+epochs = 20000              # passes over the training groups; sets the number of steps
 max_steps = 0               # if > 0, stop here instead (the lr schedule still spans `epochs`)
 eval_max_examples = 0       # if > 0, evaluate on the first this-many test examples only
 # model
@@ -51,11 +55,11 @@ L_layers = 4
 hidden_size = 512
 num_heads = 8
 expansion = 4.0
-pos_encodings = 'rope'
+pos_encodings = 'rope'      # 'rope' or 'learned'
 puzzle_emb_ndim = 512       # 0 = no puzzle embedding
 halt_max_steps = 16
 halt_exploration_prob = 0.1
-loss_type = 'stablemax'
+loss_type = 'stablemax'     # 'stablemax' or 'softmax'
 # optimizers: Adam-atan2 on the weights, SignSGD on the sparse puzzle embedding
 optimizer = 'adam_atan2'    # or 'adamw'
 learning_rate = 1e-4
@@ -69,15 +73,60 @@ puzzle_emb_weight_decay = 1.0
 grad_clip = 0.0             # clip the gradient norm at this value; 0 = off (the original does not clip)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
-dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # compute dtype of the model
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # compute dtype: float32, bfloat16, float16
 compile = torch.cuda.is_available()  # torch.compile the model
 seed = 0
 backend = 'nccl' if torch.cuda.is_available() else 'gloo'  # torch.distributed backend under torchrun
-# -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
+# a resumed run continues with the config it was trained with, changed only by this command's overrides
+FIXED_KEYS = ('H_cycles', 'L_cycles', 'H_layers', 'L_layers', 'hidden_size', 'num_heads', 'expansion', 'pos_encodings',
+              'puzzle_emb_ndim', 'loss_type', 'dataset', 'global_batch_size', 'optimizer')  # what a resume cannot change
+MACHINE_KEYS = ('device', 'dtype', 'compile', 'backend')  # taken from this machine, not from the checkpoint
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+if init_from == 'resume':
+    try:
+        checkpoint = load_checkpoint(ckpt_path)
+    except DataError as e:
+        raise SystemExit(f"train.py: init_from='resume': {e}")
+    for k in config_keys:
+        saved = checkpoint['config'].get(k, globals()[k])
+        if k in config_overrides and k in FIXED_KEYS and config_overrides[k] != saved:
+            raise SystemExit(f"train.py: {k}={config_overrides[k]!r}, but the run in {ckpt_path} has {saved!r}; "
+                             f"a resumed run keeps it (train from scratch in another out_dir to change it)")
+        if k not in config_overrides and k not in MACHINE_KEYS:
+            globals()[k] = saved
+elif not eval_only and os.path.exists(ckpt_path):
+    raise SystemExit(f"train.py: {ckpt_path} exists: continue it with --init_from=resume, or train in another out_dir "
+                     f"(a new run would overwrite it)")
+config = {k: globals()[k] for k in config_keys}
+
+# every value is checked before anything is loaded: one line naming the key
+_rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs > 0, '> 0'),
+          ('eval_interval', eval_interval > 0, '> 0'), ('log_interval', log_interval > 0, '> 0'),
+          ('max_steps', max_steps >= 0, '>= 0 (0 = the whole schedule)'), ('eval_max_examples', eval_max_examples >= 0, '>= 0'),
+          ('seed', seed >= 0, '>= 0'), ('learning_rate', learning_rate > 0, '> 0'), ('puzzle_emb_lr', puzzle_emb_lr >= 0, '>= 0'),
+          ('weight_decay', weight_decay >= 0, '>= 0'), ('puzzle_emb_weight_decay', puzzle_emb_weight_decay >= 0, '>= 0'),
+          ('warmup_steps', warmup_steps >= 0, '>= 0'), ('lr_min_ratio', 0 <= lr_min_ratio <= 1, 'in [0, 1]'),
+          ('beta1', 0 <= beta1 < 1, 'in [0, 1)'), ('beta2', 0 <= beta2 < 1, 'in [0, 1)'), ('grad_clip', grad_clip >= 0, '>= 0'),
+          ('H_cycles', H_cycles >= 1, '>= 1'), ('L_cycles', L_cycles >= 1, '>= 1'), ('H_layers', H_layers >= 1, '>= 1'),
+          ('L_layers', L_layers >= 1, '>= 1'), ('hidden_size', hidden_size >= 1, '>= 1'), ('num_heads', num_heads >= 1, '>= 1'),
+          ('expansion', expansion > 0, '> 0'), ('puzzle_emb_ndim', puzzle_emb_ndim >= 0, '>= 0'),
+          ('halt_max_steps', halt_max_steps >= 1, '>= 1'), ('halt_exploration_prob', 0 <= halt_exploration_prob <= 1, 'in [0, 1]'),
+          ('pos_encodings', pos_encodings in ('rope', 'learned'), "'rope' or 'learned'"),
+          ('loss_type', loss_type in LOSSES, f"one of {sorted(LOSSES)}"), ('optimizer', optimizer in ('adam_atan2', 'adamw'), "'adam_atan2' or 'adamw'"),
+          ('init_from', init_from in ('scratch', 'resume', 'reference'), "'scratch', 'resume' or 'reference'"),
+          ('dtype', dtype in ('float32', 'bfloat16', 'float16'), "'float32', 'bfloat16' or 'float16'"),
+          ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
+for _key, _ok, _need in _rules:
+    if not _ok:
+        raise SystemExit(f"train.py: {_key}={globals()[_key]!r}: must be {_need}")
+try:
+    check_device(device)
+except DataError as e:
+    raise SystemExit(f"train.py: {e}")
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
 if ddp:
@@ -93,153 +142,55 @@ if master_process:  # kernels.py logs the backend each operation picks (Triton o
     logging.basicConfig(format='%(name)s: %(message)s')
     logging.getLogger('hrm.attn').setLevel(logging.INFO)
 if global_batch_size % world_size:
-    raise SystemExit(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
+    raise SystemExit(f"train.py: global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
 batch_size = global_batch_size // world_size  # per process
 device_type = 'cuda' if 'cuda' in device else device.split(':')[0]
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-
 # -----------------------------------------------------------------------------
-# data: the layout of prepare_*.py (and of the original's dataset builders)
-
-class PuzzleData:
-    """One split: examples (inputs, labels), puzzles (consecutive runs of examples, each with a puzzle
-    identifier) and groups (consecutive runs of puzzles: an original puzzle and its augmentations)."""
-
-    def __init__(self, path):
-        meta_path = os.path.join(path, 'dataset.json')
-        if not os.path.exists(meta_path):
-            raise SystemExit(f"no dataset at {path} (missing dataset.json): run prepare_sudoku.py first")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        parts = {k: [] for k in ('inputs', 'labels', 'puzzle_identifiers', 'puzzle_indices', 'group_indices')}
-        examples = puzzles = 0
-        for set_name in self.meta['sets']:  # several sets are laid end to end, offsets shifted
-            arrays = {k: np.load(os.path.join(path, f'{set_name}__{k}.npy')) for k in parts}
-            parts['inputs'].append(arrays['inputs'])
-            parts['labels'].append(arrays['labels'])
-            parts['puzzle_identifiers'].append(arrays['puzzle_identifiers'])
-            parts['puzzle_indices'].append(arrays['puzzle_indices'][:-1] + examples)
-            parts['group_indices'].append(arrays['group_indices'][:-1] + puzzles)
-            examples += len(arrays['inputs'])
-            puzzles += len(arrays['puzzle_identifiers'])
-        parts['puzzle_indices'].append(np.array([examples]))
-        parts['group_indices'].append(np.array([puzzles]))
-        for k, v in parts.items():
-            setattr(self, k, np.concatenate(v))
-        self.labels = self.labels.astype(np.int32)
-        if self.meta.get('ignore_label_id') is not None:
-            self.labels[self.labels == self.meta['ignore_label_id']] = IGNORE_LABEL_ID
-        self.num_groups = len(self.group_indices) - 1
-
-    def batch(self, rows, puzzles, pad_to):
-        """Tensors for the examples `rows` of puzzles `puzzles`, padded to pad_to sequences that score nothing."""
-        pad = pad_to - len(rows)
-        inputs = np.pad(self.inputs[rows].astype(np.int32), ((0, pad), (0, 0)), constant_values=self.meta['pad_id'])
-        labels = np.pad(self.labels[rows], ((0, pad), (0, 0)), constant_values=IGNORE_LABEL_ID)
-        ids = np.pad(self.puzzle_identifiers[puzzles].astype(np.int32), (0, pad),
-                     constant_values=self.meta['blank_identifier_id'])
-        return dict(inputs=torch.from_numpy(inputs), labels=torch.from_numpy(labels),
-                    puzzle_identifiers=torch.from_numpy(ids))
-
-
-class TrainBatches:
-    """An endless stream of training batches. Each epoch visits every group once in a random order and takes
-    one random puzzle of the group (one augmentation of each original puzzle); the examples of a puzzle go
-    into one batch, cut only where the batch is full. Epochs follow each other without a gap. Every process
-    builds the same global batch and keeps its slice. The position (epoch, group) is all the state there is:
-    each epoch's randomness comes from (seed, epoch), so a resumed run sees the same batches."""
-
-    def __init__(self, data, global_batch_size, rank, world_size, seed):
-        self.data, self.global_batch_size, self.seed = data, global_batch_size, seed
-        self.local = slice(rank * global_batch_size // world_size, (rank + 1) * global_batch_size // world_size)
-        self.epoch, self.position, self.plan = 0, 0, None
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, position=self.position)
-
-    def load_state_dict(self, state):
-        self.epoch, self.position, self.plan = state['epoch'], state['position'], None
-
-    def _plan(self):
-        if self.plan is None or self.plan[0] != self.epoch:
-            d = self.data
-            rng = np.random.default_rng([self.seed, self.epoch])
-            order = rng.permutation(d.num_groups)
-            first, count = d.group_indices[order], d.group_indices[order + 1] - d.group_indices[order]
-            puzzles = first + (rng.random(d.num_groups) * count).astype(np.int64)
-            self.plan = (self.epoch, puzzles)
-        return self.plan[1]
-
-    def __next__(self):
-        d, need, rows, puzzles = self.data, self.global_batch_size, [], []
-        while need > 0:
-            plan = self._plan()[self.position:self.position + need]  # every puzzle has >= 1 example
-            sizes = d.puzzle_indices[plan + 1] - d.puzzle_indices[plan]
-            whole = int(np.searchsorted(np.cumsum(sizes), need, side='right'))  # puzzles that fit entirely
-            take = sizes[:whole]
-            offsets = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
-            rows.append(np.repeat(d.puzzle_indices[plan[:whole]], take) + offsets)
-            puzzles.append(np.repeat(plan[:whole], take))
-            need -= int(take.sum())
-            self.position += whole
-            if need > 0 and whole < len(plan):  # fill the batch with part of the next puzzle, then move on
-                rng = np.random.default_rng([self.seed, self.epoch, self.position])
-                rows.append(d.puzzle_indices[plan[whole]] + np.sort(rng.choice(sizes[whole], need, replace=False)))
-                puzzles.append(np.full(need, plan[whole]))
-                need, self.position = 0, self.position + 1
-            if self.position == d.num_groups:
-                self.epoch, self.position = self.epoch + 1, 0
-        rows, puzzles = np.concatenate(rows), np.concatenate(puzzles)
-        return d.batch(rows[self.local], puzzles[self.local], pad_to=self.local.stop - self.local.start)
-
-
-def test_batches(data, num_examples, global_batch_size, rank, world_size):
-    """The first num_examples of the test split in order, in global batches; the last one padded."""
-    local = global_batch_size // world_size
-    for start in range(0, num_examples, global_batch_size):
-        rows = np.arange(start + rank * local, min(start + (rank + 1) * local, num_examples))
-        puzzles = np.searchsorted(data.puzzle_indices, rows, side='right') - 1
-        yield data.batch(rows, puzzles, pad_to=local)
-
-
-# -----------------------------------------------------------------------------
-# model, optimizers, and the state to resume from
+# data, model, optimizers, and the state to resume from
 
 data_dir = os.path.join('data', dataset)
-train_data = PuzzleData(os.path.join(data_dir, 'train'))
-test_data = PuzzleData(os.path.join(data_dir, 'test'))
-num_eval = len(test_data.inputs) if eval_max_examples <= 0 else min(eval_max_examples, len(test_data.inputs))
+try:
+    train_data = PuzzleData(os.path.join(data_dir, 'train'))
+    test_data = PuzzleData(os.path.join(data_dir, 'test'))
+except DataError as e:
+    raise SystemExit(f"train.py: {e}")
 meta = train_data.meta
-total_steps = int(epochs * train_data.num_groups * meta['mean_puzzle_examples'] / global_batch_size)  # lr schedule
+task_evaluate = None  # the task's own metrics, from prepare_<task>.py when the dataset names its task
+if meta.get('task'):
+    try:
+        task_evaluate = getattr(importlib.import_module(f"prepare_{meta['task']}"), 'evaluate', None)
+    except ModuleNotFoundError:
+        raise SystemExit(f"train.py: {data_dir} was built for task {meta['task']!r}, but there is no prepare_{meta['task']}.py")
+num_eval = test_data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, test_data.num_examples)
+total_steps = max(1, int(epochs * train_data.num_groups * meta['mean_puzzle_examples'] / global_batch_size))  # lr schedule
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
 model_args = dict(vocab_size=meta['vocab_size'], seq_len=meta['seq_len'], batch_size=batch_size,
                   num_puzzle_identifiers=meta['num_puzzle_identifiers'], puzzle_emb_ndim=puzzle_emb_ndim,
-                  H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers,
-                  hidden_size=hidden_size, num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings,
-                  halt_max_steps=halt_max_steps, halt_exploration_prob=halt_exploration_prob,
-                  forward_dtype=dtype, loss_type=loss_type)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+                  H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
+                  num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings, halt_max_steps=halt_max_steps,
+                  halt_exploration_prob=halt_exploration_prob, forward_dtype=dtype, loss_type=loss_type)
 iter_num = 0
-checkpoint = None
 torch.manual_seed(seed)  # the same initial weights in every process
-if init_from == 'scratch':
-    model = HRM(HRMConfig(**model_args))
-elif init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    model_args = dict(checkpoint['model_args'], batch_size=batch_size, forward_dtype=dtype)
-    model = HRM(HRMConfig(**model_args))
+try:
+    if init_from == 'reference':
+        model = load_reference_checkpoint(reference_checkpoint, model_args)
+    else:
+        model = HRM(HRMConfig(**model_args))
+except (ValueError, DataError) as e:
+    raise SystemExit(f"train.py: {e}")
+if checkpoint is not None:
+    for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
+        if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob') and model_args.get(k) != v:
+            raise SystemExit(f"train.py: {ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
+                             f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
-elif init_from == 'reference':
-    if not os.path.exists(reference_checkpoint):
-        raise SystemExit(f"init_from='reference' needs reference_checkpoint=<path>; {reference_checkpoint!r} does not exist")
-    model = load_reference_checkpoint(reference_checkpoint, model_args)
-else:
-    raise SystemExit(f"init_from must be 'scratch', 'resume' or 'reference', got {init_from!r}")
+    if iter_num >= stop_step and not eval_only:
+        raise SystemExit(f"train.py: {ckpt_path} is at step {iter_num:,}, the end of this run ({stop_step:,} steps): "
+                         f"nothing to train; raise max_steps or epochs, or evaluate with --eval_only=True")
 model.to(device)
 raw_model = model
 dense_optimizer, sparse_optimizer = model.configure_optimizers(
@@ -253,20 +204,15 @@ if checkpoint is not None:
     if sparse_optimizer:
         sparse_optimizer.load_state_dict(checkpoint['sparse_optimizer'])
     train_batches.load_state_dict(checkpoint['loader'])
-    # the carry of the whole global batch: this process takes its slice
-    saved_batch = checkpoint['carry']['z_H'].shape[0]
-    if saved_batch != global_batch_size:
-        raise SystemExit(f"the checkpoint was trained with global_batch_size={saved_batch}; resume with the same")
-    mine = slice(rank * batch_size, (rank + 1) * batch_size)
-    saved = {k: v[mine].to(device) for k, v in checkpoint['carry'].items()}
-    carry = Carry(z_H=saved.pop('z_H'), z_L=saved.pop('z_L'), steps=saved.pop('steps'),
-                  halted=saved.pop('halted').bool(), current_data=saved)
+    carry = Carry.from_state_dict(checkpoint['carry'], slice(rank * batch_size, (rank + 1) * batch_size), device)
     if checkpoint['world_size'] == world_size:
         torch.set_rng_state(checkpoint['rng'][rank]['cpu'])
-        if device_type == 'cuda':
+        if device_type == 'cuda' and checkpoint['rng'][rank]['cuda'] is not None:
             torch.cuda.set_rng_state(checkpoint['rng'][rank]['cuda'])
     elif master_process:
         print(f"resuming on {world_size} processes from {checkpoint['world_size']}: exploration is reseeded")
+    if master_process:
+        print(f"resuming from {ckpt_path} at step {iter_num:,}")
     checkpoint = None
 if compile:
     model = torch.compile(model)
@@ -276,9 +222,13 @@ if ddp:
                 broadcast_buffers=False)
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {len(train_data.inputs):,} training examples in "
+    remove_stale_temp_files(out_dir)
+    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {train_data.num_examples:,} training examples in "
           f"{train_data.num_groups:,} groups; {stop_step:,} steps of {global_batch_size} on {world_size} "
           f"process(es), {device}, {dtype}")
+    if device_type == 'cpu' and raw_model.get_num_params() > 5e6:
+        print(f"note: training a {raw_model.get_num_params() / 1e6:.0f}M-parameter model on the CPU takes hours "
+              f"per thousand steps; is a GPU visible to torch?")
 
 
 def get_lr_scale(step):
@@ -298,6 +248,11 @@ def gather(tensor):
     return out
 
 
+def to_device(batch):
+    return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) if device_type == 'cuda'
+            else torch.from_numpy(v).to(device) for k, v in batch.items()}
+
+
 def save_checkpoint():
     """Everything a resumed run needs to continue exactly: weights, both optimizers, the step, the data
     position, the ACT carry of the whole batch and every process's RNG; written to a temporary file, then
@@ -306,61 +261,87 @@ def save_checkpoint():
         fingerprint = torch.stack([t.double().sum() for t in raw_model.state_dict().values() if t.is_floating_point()])
         fingerprints = gather(fingerprint[None])
         if not (fingerprints == fingerprints[0]).all():
-            raise SystemExit(f"step {iter_num}: the processes' weights differ; not saving")
-    state = dict(z_H=carry.z_H, z_L=carry.z_L, steps=carry.steps, halted=carry.halted.to(torch.uint8),
-                 **carry.current_data)
-    saved_carry = {k: gather(v).cpu() for k, v in state.items()}
+            raise SystemExit(f"train.py: step {iter_num}: the processes' weights differ; not saving")
+    saved_carry = {k: gather(v).cpu() for k, v in carry.state_dict().items()}
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
-    rngs = [None] * world_size
+    rngs = [rng]
     if world_size > 1:
+        rngs = [None] * world_size
         dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
     if master_process:
         checkpoint = dict(model=raw_model.state_dict(), model_args=model_args, config=config, iter_num=iter_num,
+                          task=meta.get('task'),
                           optimizer=dense_optimizer.state_dict(),
                           sparse_optimizer=sparse_optimizer.state_dict() if sparse_optimizer else None,
                           loader=train_batches.state_dict(), carry=saved_carry, rng=rngs, world_size=world_size)
-        torch.save(checkpoint, ckpt_path + '.tmp')
-        os.replace(ckpt_path + '.tmp', ckpt_path)
-
-
-EVAL_METRICS = ('count', 'accuracy', 'exact_accuracy', 'q_halt_accuracy', 'steps')
+        tmp = f"{ckpt_path}.tmp-{os.getpid()}"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, ckpt_path)
 
 
 @torch.no_grad()
 def evaluate():
-    """Run every test batch from a fresh carry until all its sequences halt; sums over all processes."""
+    """Run every test batch from a fresh carry until all its sequences halt. Returns the model's metrics,
+    averaged over the examples of all processes, and the task's own metrics from the predictions."""
     model_in_eval = model.module if ddp else model
     raw_model.eval()
-    sums = torch.zeros(len(EVAL_METRICS), device=device)
+    sums, predictions, q_halt = None, [], []
     batches = test_batches(test_data, num_eval, global_batch_size, rank, world_size)
     for batch in tqdm(batches, desc='eval', total=math.ceil(num_eval / global_batch_size),
                       disable=not master_process, leave=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch)
         eval_carry = raw_model.initial_carry(batch)
         while True:
-            eval_carry, _, metrics, _ = model_in_eval(eval_carry, batch)
+            eval_carry, _, metrics, outputs = model_in_eval(eval_carry, batch)
             if eval_carry.halted.all():
                 break
-        sums += torch.stack([metrics[k].float() for k in EVAL_METRICS])
+        values = torch.stack([metrics[k].float() for k in sorted(metrics)])
+        sums = values if sums is None else sums + values
+        if task_evaluate is not None:
+            predictions.append(gather(outputs['logits'].argmax(-1).to(torch.uint8)).cpu())
+            q_halt.append(gather(torch.sigmoid(outputs['q_halt_logits'])).cpu())
     if world_size > 1:
         dist.all_reduce(sums)
     raw_model.train()
-    count = max(sums[0].item(), 1)
-    return {k: v / count for k, v in zip(EVAL_METRICS[1:], sums[1:].tolist())}
+    sums = dict(zip(sorted(metrics), sums.tolist()))
+    result = {k: v / max(sums['count'], 1) for k, v in sums.items() if k != 'count'}
+    if task_evaluate is not None and master_process:
+        # test_batches gives row start + i to position i of the gathered global batch: rows past the end are padding
+        predictions, q_halt = torch.cat(predictions)[:num_eval].numpy(), torch.cat(q_halt)[:num_eval].numpy()
+        result.update(task_evaluate(test_data, predictions, q_halt, out_dir))
+    return result
 
 
 def log_eval(step):
     metrics = evaluate()
     if master_process:
-        tqdm.write(f"step {step}: eval exact_accuracy {metrics['exact_accuracy']:.4f}, accuracy "
-                   f"{metrics['accuracy']:.4f}, steps {metrics['steps']:.2f}, q_halt_accuracy {metrics['q_halt_accuracy']:.4f}")
+        tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         with open(os.path.join(out_dir, 'eval_log.jsonl'), 'a') as f:
             f.write(json.dumps(dict(step=step, **metrics)) + '\n')
         if wandb_log:
             wandb.log({f'eval/{k}': v for k, v in metrics.items()}, step=step)
-    return metrics
+
+
+def trim_eval_log(step):
+    """The log holds this run's evaluations up to its checkpoint: drop the lines after `step` (a run killed
+    between logging an evaluation and saving its checkpoint, or an earlier run that saved none) and any
+    line cut short, so a resumed run does not repeat them."""
+    path = os.path.join(out_dir, 'eval_log.jsonl')
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)['step'] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(kept) != len(lines):
+        with open(path + f'.tmp-{os.getpid()}', 'w') as f:
+            f.write(''.join(line + '\n' for line in kept))
+        os.replace(path + f'.tmp-{os.getpid()}', path)
 
 
 if wandb_log and master_process:
@@ -376,13 +357,14 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # the training loop
 
+if master_process:
+    trim_eval_log(iter_num)
 raw_model.train()
 log_sums, first_bad_step = None, torch.full((), -1, device=device)
 progress = tqdm(total=stop_step, initial=iter_num, disable=not master_process, desc='train')
 t0, t0_step = time.time(), iter_num
 while iter_num < stop_step:
-    batch = {k: v.pin_memory().to(device, non_blocking=True) if device_type == 'cuda' else v.to(device)
-             for k, v in next(train_batches).items()}
+    batch = to_device(next(train_batches))
     if carry is None:
         carry = raw_model.initial_carry(batch)
     carry, loss, metrics, _ = model(carry, batch)
@@ -396,6 +378,7 @@ while iter_num < stop_step:
         opt.step()
         opt.zero_grad(set_to_none=True)
     iter_num += 1
+    progress.update()
     # stop on a non-finite loss without a sync every step: remember the first bad step on the device
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), iter_num, first_bad_step)
     values = torch.stack([metrics[k].float() for k in sorted(metrics)])
@@ -412,14 +395,14 @@ while iter_num < stop_step:
                              f"checkpoint (if any) is {ckpt_path}")
         sums = dict(zip(sorted(metrics), log_sums.tolist()))
         steps_logged = iter_num - t0_step
-        count = max(sums['count'], 1)
-        stats = {k: v / (global_batch_size * steps_logged if k.endswith('loss') else count) for k, v in sums.items()}
+        # losses are over every sequence of every step, the other metrics over the sequences that halted
+        stats = {k: v / (global_batch_size * steps_logged if k.endswith('loss') else max(sums['count'], 1))
+                 for k, v in sums.items() if k != 'count'}
         dt = (time.time() - t0) / steps_logged
         if master_process:
-            tqdm.write(f"step {iter_num}: loss {stats['lm_loss']:.4f}, accuracy {stats['accuracy']:.4f}, exact "
-                       f"{stats['exact_accuracy']:.4f}, steps {stats['steps']:.2f}, lr {lr_scale * learning_rate:.2e}, "
-                       f"{dt * 1000:.1f} ms/step, {global_batch_size / dt:,.0f} examples/s")
-            progress.update(steps_logged)
+            tqdm.write(f"step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
+                       f", lr {lr_scale * learning_rate:.2e}, {dt * 1000:.1f} ms/step, "
+                       f"{global_batch_size / dt:,.0f} examples/s")
             if wandb_log:
                 wandb.log({f'train/{k}': v for k, v in stats.items()} | {'train/lr': lr_scale * learning_rate},
                           step=iter_num)

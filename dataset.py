@@ -1,0 +1,438 @@
+"""
+The on-disk puzzle format every task shares, and the batches train.py draws from it.
+
+A dataset is a directory data/<name>/ in the layout of the original HRM code (github.com/sapientinc/HRM),
+so that datasets built by either code base load in both:
+
+    identifiers.json                  puzzle identifier -> name (e.g. an ARC task and its augmentation)
+    train/, test/                     one directory per split, each with
+        dataset.json                  pad_id, ignore_label_id, blank_identifier_id, vocab_size, seq_len,
+                                      num_puzzle_identifiers, total_groups, mean_puzzle_examples, sets
+                                      (and here also: task, the prepare_<task>.py that wrote it)
+        <set>__inputs.npy             (examples, seq_len) tokens
+        <set>__labels.npy             (examples, seq_len) tokens; ignore_label_id is not scored
+        <set>__puzzle_identifiers.npy (puzzles,) int32
+        <set>__puzzle_indices.npy     (puzzles + 1,) int32: puzzle p holds examples [i[p], i[p + 1])
+        <set>__group_indices.npy      (groups + 1,) int32: group g holds puzzles [j[g], j[g + 1])
+
+An example is one (input, label) sequence, a puzzle a run of examples that share an identifier (the
+demonstrations of one ARC task under one augmentation), a group a run of puzzles that are one original
+puzzle (its augmentations). Training draws one random puzzle per group per epoch.
+
+Here: DataError (every bad input is one line naming the file, and row, and what is wrong), reading CSV
+rows, writing a dataset atomically (a temporary directory renamed into place: an interrupted build leaves
+nothing half-written, and nothing is deleted that is not a dataset), reading it back, the training and test
+batches, the 8 dihedral transforms of a grid, and a plain-HTTPS download.
+"""
+import csv
+import json
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+
+import numpy as np
+from tqdm import tqdm
+
+IGNORE_LABEL_ID = -100  # labels equal to a dataset's ignore_label_id become this, which model.py does not score
+ARRAYS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
+METADATA_TYPES = dict(pad_id=int, blank_identifier_id=int, vocab_size=int, seq_len=int, num_puzzle_identifiers=int,
+                      total_groups=int, mean_puzzle_examples=(int, float), sets=list)
+
+
+class DataError(ValueError):
+    """A bad input file, row, dataset or checkpoint; str() is one line naming it and what is wrong."""
+
+
+# -----------------------------------------------------------------------------
+# reading CSVs
+
+class BadRows:
+    """Stops at the first bad row with DataError('path line N: reason'), or with skip_bad counts the bad
+    rows by category and keeps the first message of each."""
+
+    def __init__(self, skip_bad):
+        self.skip_bad, self.counts, self.examples = skip_bad, {}, {}
+
+    def add(self, path, line, category, reason):
+        message = f"{path} line {line}: {reason}"
+        if not self.skip_bad:
+            raise DataError(message)
+        self.counts[category] = self.counts.get(category, 0) + 1
+        self.examples.setdefault(category, message)
+
+    def report(self):
+        """One line per category of skipped rows."""
+        return [f"skipped {n:,} x {category}, e.g. {self.examples[category]}" for category, n in sorted(self.counts.items())]
+
+
+def read_csv(path, required, optional=(), bad=None):
+    """Rows of a CSV with a header line, as (line number, {column: stripped text}) for the required and
+    optional columns present. A UTF-8 byte-order mark and CRLF line ends are fine; blank lines are skipped.
+    Raises DataError('path line N: ...') for a missing file, a header without a required column, malformed
+    CSV or text that is not UTF-8; a row with the wrong number of fields goes to `bad` (a BadRows: skipped
+    and counted, or an error)."""
+    bad = bad or BadRows(skip_bad=False)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            if not header:
+                raise DataError(f"{path} line 1: empty file, expected a header with {','.join(required)}")
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path} line 1: the header has no {' or '.join(missing)} column "
+                                f"(got {','.join(header)})")
+            columns = {c: header.index(c) for c in (*required, *optional) if c in header}
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) != len(header):
+                    bad.add(path, reader.line_num, "wrong number of fields",
+                            f"expected {len(header)} fields ({','.join(header)}), got {len(row)}")
+                    continue
+                yield reader.line_num, {c: row[i].strip() for c, i in columns.items()}
+        except csv.Error as e:
+            raise DataError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} line {_first_non_utf8_line(path)}: not UTF-8 text ({e.reason})") from None
+
+
+def _first_non_utf8_line(path):
+    """The decoder reads ahead of the CSV reader, so its error does not know the line: find it."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+
+
+# -----------------------------------------------------------------------------
+# writing a dataset
+
+def puzzle_arrays(inputs, labels, examples_per_puzzle, puzzles_per_group, puzzle_identifiers=None):
+    """The five arrays of one set from examples laid out puzzle by puzzle and group by group.
+    examples_per_puzzle, puzzles_per_group: an int (all the same) or one count per puzzle / group."""
+    num_puzzles = len(inputs) // examples_per_puzzle if np.isscalar(examples_per_puzzle) else len(examples_per_puzzle)
+    per_puzzle = np.broadcast_to(examples_per_puzzle, (num_puzzles,))
+    num_groups = num_puzzles // puzzles_per_group if np.isscalar(puzzles_per_group) else len(puzzles_per_group)
+    per_group = np.broadcast_to(puzzles_per_group, (num_groups,))
+    assert per_puzzle.sum() == len(inputs) == len(labels) and per_group.sum() == num_puzzles
+    ids = np.zeros(num_puzzles, np.int32) if puzzle_identifiers is None else np.asarray(puzzle_identifiers, np.int32)
+    return dict(inputs=np.asarray(inputs, np.uint8), labels=np.asarray(labels, np.uint8), puzzle_identifiers=ids,
+                puzzle_indices=np.concatenate([[0], np.cumsum(per_puzzle)]).astype(np.int32),
+                group_indices=np.concatenate([[0], np.cumsum(per_group)]).astype(np.int32))
+
+
+def metadata(arrays, task, vocab_size, num_puzzle_identifiers=1, **extra):
+    """dataset.json of one set named 'all': the original's fields (PAD = 0 is also the label not scored),
+    then the task that wrote it and anything else (build options, counts)."""
+    num_puzzles = len(arrays["puzzle_identifiers"])
+    return dict(pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=vocab_size,
+                seq_len=int(arrays["inputs"].shape[1]), num_puzzle_identifiers=num_puzzle_identifiers,
+                total_groups=len(arrays["group_indices"]) - 1,
+                mean_puzzle_examples=len(arrays["inputs"]) / max(num_puzzles, 1), sets=["all"], task=task,
+                num_puzzles=num_puzzles, num_examples=len(arrays["inputs"]), **extra)
+
+
+def is_dataset(path):
+    """A directory this module (or the original code) wrote: identifiers.json and train/dataset.json, or
+    (a time series) dataset.json at its top."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "dataset.json")) or (
+        os.path.isfile(os.path.join(path, "identifiers.json")) and
+        os.path.isfile(os.path.join(path, "train", "dataset.json"))))
+
+
+def dataset_path(out_dir, name):
+    """out_dir/name, where name must be a plain directory name: '.', '..', '' or a path would make the
+    build replace a directory that is not a dataset."""
+    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        raise DataError(f"name={name!r}: must be a plain directory name (the dataset goes to out_dir/name)")
+    path = os.path.join(out_dir, name)
+    if os.path.lexists(path) and not is_dataset(path):
+        raise DataError(f"{path} exists and is not a dataset: not replacing it (choose another name or out_dir)")
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory):
+    """Delete what killed processes left behind in directory: the temporary files and directories this
+    project writes (.<dataset>.tmp-<pid>, .<dataset>.old-<pid>, ckpt.pt.tmp-<pid>, eval_log.jsonl.tmp-<pid>)
+    whose process is gone."""
+    if not os.path.isdir(directory):
+        return
+    for entry in os.listdir(directory):
+        match = re.fullmatch(r"(\..+|ckpt\.pt|eval_log\.jsonl)\.(tmp|old)-(\d+)", entry)
+        if match and int(match.group(3)) != os.getpid() and not pid_alive(int(match.group(3))):
+            path = os.path.join(directory, entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def write_dataset(path, splits, identifiers):
+    """Write a dataset: splits maps 'train'/'test' to (arrays, metadata), or any other files to bytes
+    producers (name -> function(directory)). Built in a temporary directory beside path and renamed into
+    place only when complete; an existing dataset at path is replaced only then, and on any error or
+    interrupt nothing of the new build stays behind. Returns the number of bytes written."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temp_files(parent)
+    tmp, old = os.path.join(parent, f".{name}.tmp-{os.getpid()}"), os.path.join(parent, f".{name}.old-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        for split, (arrays, meta) in splits.items():
+            os.makedirs(os.path.join(tmp, split))
+            for key in ARRAYS:
+                np.save(os.path.join(tmp, split, f"all__{key}.npy"), arrays[key])
+            with open(os.path.join(tmp, split, "dataset.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+        with open(os.path.join(tmp, "identifiers.json"), "w") as f:
+            json.dump(identifiers, f)
+        size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(tmp) for f in files)
+        replace_directory(tmp, path, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return size
+
+
+def replace_directory(new, path, old):
+    """Rename the finished directory `new` to path; an existing path is moved to `old` first and deleted
+    only once the new one is in place (and moved back if that rename fails)."""
+    if not os.path.lexists(path):
+        os.replace(new, path)
+        return
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def resolve_input(path):
+    """A relative path that does not exist from here is looked up beside this file (the shipped samples)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    return beside if os.path.exists(beside) else path
+
+
+# -----------------------------------------------------------------------------
+# reading a dataset
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_array(path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (ValueError, EOFError, OSError) as e:
+        raise DataError(f"{path}: not a readable .npy array, truncated or corrupt? ({e})") from None
+
+
+class PuzzleData:
+    """One split: examples (inputs, labels), puzzles (consecutive runs of examples, each with a puzzle
+    identifier) and groups (consecutive runs of puzzles: an original puzzle and its augmentations).
+    Every file is checked as it is read; a problem is a DataError naming the file."""
+
+    def __init__(self, path):
+        meta_path = os.path.join(path, "dataset.json")
+        if not os.path.isfile(meta_path):
+            raise DataError(f"no dataset at {path} (no dataset.json): build one with a prepare_*.py script")
+        self.path, self.meta = path, read_json(meta_path)
+        for key, kind in METADATA_TYPES.items():
+            if not isinstance(self.meta.get(key), kind) or isinstance(self.meta.get(key), bool):
+                raise DataError(f"{meta_path}: {key} is {self.meta.get(key)!r}, expected {getattr(kind, '__name__', 'a number')}")
+        parts = {k: [] for k in ARRAYS}
+        examples = puzzles = 0
+        for set_name in self.meta["sets"]:  # several sets are laid end to end, their offsets shifted
+            arrays = {k: load_array(os.path.join(path, f"{set_name}__{k}.npy")) for k in ARRAYS}
+            self._check(set_name, arrays)
+            parts["inputs"].append(arrays["inputs"])
+            parts["labels"].append(arrays["labels"])
+            parts["puzzle_identifiers"].append(arrays["puzzle_identifiers"])
+            parts["puzzle_indices"].append(arrays["puzzle_indices"][:-1] + examples)
+            parts["group_indices"].append(arrays["group_indices"][:-1] + puzzles)
+            examples += len(arrays["inputs"])
+            puzzles += len(arrays["puzzle_identifiers"])
+        parts["puzzle_indices"].append(np.array([examples]))
+        parts["group_indices"].append(np.array([puzzles]))
+        for k, v in parts.items():
+            setattr(self, k, np.concatenate(v))
+        self.labels = self.labels.astype(np.int32)
+        if self.meta.get("ignore_label_id") is not None:
+            self.labels[self.labels == self.meta["ignore_label_id"]] = IGNORE_LABEL_ID
+        self.num_examples, self.num_groups = len(self.inputs), len(self.group_indices) - 1
+
+    def _check(self, set_name, arrays):
+        """Shapes and offsets agree with each other and with dataset.json."""
+        where = os.path.join(self.path, f"{set_name}__")
+        inputs, labels = arrays["inputs"], arrays["labels"]
+        problems = [
+            (inputs.ndim == 2 and inputs.shape[1] == self.meta["seq_len"],
+             f"inputs.npy has shape {inputs.shape}, expected (examples, seq_len={self.meta['seq_len']})"),
+            (labels.shape == inputs.shape, f"labels.npy has shape {labels.shape}, inputs.npy {inputs.shape}"),
+            (inputs.size == 0 or 0 <= inputs.min() and inputs.max() < self.meta["vocab_size"],
+             f"inputs.npy has tokens outside 0..vocab_size-1 = {self.meta['vocab_size'] - 1}"),
+        ]
+        for key, total in (("puzzle_indices", len(inputs)), ("group_indices", len(arrays["puzzle_identifiers"]))):
+            offsets = arrays[key]
+            problems.append((offsets.ndim == 1 and len(offsets) >= 2 and offsets[0] == 0 and offsets[-1] == total
+                             and (np.diff(offsets) > 0).all(),
+                             f"{key}.npy is not increasing offsets from 0 to {total}"))
+        problems.append((len(arrays["puzzle_indices"]) == len(arrays["puzzle_identifiers"]) + 1,
+                         "puzzle_indices.npy and puzzle_identifiers.npy disagree on the number of puzzles"))
+        for ok, message in problems:
+            if not ok:
+                raise DataError(where + message)
+
+    def batch(self, rows, puzzles, pad_to):
+        """Arrays for the examples `rows` of puzzles `puzzles`, padded to pad_to sequences that score nothing."""
+        pad = pad_to - len(rows)
+        inputs = np.pad(self.inputs[rows].astype(np.int32), ((0, pad), (0, 0)), constant_values=self.meta["pad_id"])
+        labels = np.pad(self.labels[rows], ((0, pad), (0, 0)), constant_values=IGNORE_LABEL_ID)
+        ids = np.pad(self.puzzle_identifiers[puzzles].astype(np.int32), (0, pad),
+                     constant_values=self.meta["blank_identifier_id"])
+        return dict(inputs=inputs, labels=labels, puzzle_identifiers=ids)
+
+
+class TrainBatches:
+    """An endless stream of training batches. Each epoch visits every group once in a random order and takes
+    one random puzzle of the group (one augmentation of each original puzzle); the examples of a puzzle go
+    into one batch, cut only where the batch is full. Epochs follow each other without a gap. Every process
+    builds the same global batch and keeps its slice. The position (epoch, group) is all the state there is:
+    each epoch's randomness comes from (seed, epoch), so a resumed run sees the same batches."""
+
+    def __init__(self, data, global_batch_size, rank, world_size, seed):
+        self.data, self.global_batch_size, self.seed = data, global_batch_size, seed
+        self.local = slice(rank * global_batch_size // world_size, (rank + 1) * global_batch_size // world_size)
+        self.epoch, self.position, self.plan = 0, 0, None
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, position=self.position)
+
+    def load_state_dict(self, state):
+        self.epoch, self.position, self.plan = state["epoch"], state["position"], None
+
+    def _plan(self):
+        if self.plan is None or self.plan[0] != self.epoch:
+            d = self.data
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = rng.permutation(d.num_groups)
+            first, count = d.group_indices[order], d.group_indices[order + 1] - d.group_indices[order]
+            puzzles = first + (rng.random(d.num_groups) * count).astype(np.int64)
+            self.plan = (self.epoch, puzzles)
+        return self.plan[1]
+
+    def __next__(self):
+        d, need, rows, puzzles = self.data, self.global_batch_size, [], []
+        while need > 0:
+            plan = self._plan()[self.position:self.position + need]  # every puzzle has >= 1 example
+            sizes = d.puzzle_indices[plan + 1] - d.puzzle_indices[plan]
+            whole = int(np.searchsorted(np.cumsum(sizes), need, side="right"))  # puzzles that fit entirely
+            take = sizes[:whole]
+            offsets = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
+            rows.append(np.repeat(d.puzzle_indices[plan[:whole]], take) + offsets)
+            puzzles.append(np.repeat(plan[:whole], take))
+            need -= int(take.sum())
+            self.position += whole
+            if need > 0 and whole < len(plan):  # fill the batch with part of the next puzzle, then move on
+                rng = np.random.default_rng([self.seed, self.epoch, self.position])
+                rows.append(d.puzzle_indices[plan[whole]] + np.sort(rng.choice(sizes[whole], need, replace=False)))
+                puzzles.append(np.full(need, plan[whole]))
+                need, self.position = 0, self.position + 1
+            if self.position == d.num_groups:
+                self.epoch, self.position = self.epoch + 1, 0
+        rows, puzzles = np.concatenate(rows), np.concatenate(puzzles)
+        return d.batch(rows[self.local], puzzles[self.local], pad_to=self.local.stop - self.local.start)
+
+
+def test_batches(data, num_examples, global_batch_size, rank, world_size):
+    """The first num_examples of a split in order, in global batches; the last one padded."""
+    local = global_batch_size // world_size
+    for start in range(0, num_examples, global_batch_size):
+        rows = np.arange(start + rank * local, min(start + (rank + 1) * local, num_examples))
+        puzzles = np.searchsorted(data.puzzle_indices, rows, side="right") - 1
+        yield data.batch(rows, puzzles, pad_to=local)
+
+
+# -----------------------------------------------------------------------------
+# the 8 symmetries of a square grid (the original's numbering, so its augmentation names stay valid)
+
+DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)  # transform t is undone by transform DIHEDRAL_INVERSE[t]
+
+
+def dihedral(grid, t):
+    """Transform t of a grid (or of a stack of grids: the last two axes): 0 identity, 1-3 rotations by 90,
+    180 and 270 degrees counter-clockwise, 4 left-right mirror, 5 up-down mirror, 6 transpose, 7 the
+    anti-diagonal mirror."""
+    grid = np.asarray(grid)
+    rotate = lambda g, k: np.rot90(g, k, axes=(-2, -1))
+    return [lambda g: g, lambda g: rotate(g, 1), lambda g: rotate(g, 2), lambda g: rotate(g, 3),
+            lambda g: np.flip(g, -1), lambda g: np.flip(g, -2), lambda g: np.swapaxes(g, -1, -2),
+            lambda g: np.flip(rotate(g, 1), -1)][t](grid)
+
+
+def inverse_dihedral(grid, t):
+    return dihedral(grid, DIHEDRAL_INVERSE[t])
+
+
+# -----------------------------------------------------------------------------
+# downloading
+
+def download(url, dest, show_progress=True, timeout=60):
+    """Fetch url to dest over HTTPS with a progress bar, into dest.part-<pid> renamed at the end, so dest is
+    either absent or complete. Raises DataError with a one-line reason (offline, HTTP error, cut short)."""
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    part = f"{dest}.part-{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(dest),
+                      disable=not show_progress) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+        if total is not None and os.path.getsize(part) != total:
+            raise DataError(f"download of {url} stopped after {os.path.getsize(part)} of {total} bytes")
+        os.replace(part, dest)
+    except BaseException as e:
+        if os.path.exists(part):
+            os.remove(part)
+        if isinstance(e, urllib.error.HTTPError):
+            raise DataError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
+        if isinstance(e, (urllib.error.URLError, OSError)):
+            reason = getattr(e, "reason", None) or e
+            raise DataError(f"could not download {url} ({reason}): offline? Fetch the file by hand and pass "
+                            f"its path instead") from None
+        raise
