@@ -52,11 +52,12 @@ def load_model():
 
 
 @torch.no_grad()
-def run(model, forward, tokens):
+def run(model, forward, tokens, puzzle_identifiers=None):
     """Tokens (N, seq_len) -> predicted tokens after every segment (segments, N, seq_len) and the Q head's
-    halting probabilities (segments, N)."""
-    batch = dict(inputs=torch.from_numpy(tokens.astype(np.int32)).to(device),
-                 puzzle_identifiers=torch.zeros(len(tokens), dtype=torch.int32, device=device))
+    halting probabilities (segments, N). puzzle_identifiers (N,): the trained puzzle embeddings to use (the
+    blank one, 0, by default)."""
+    ids = np.zeros(len(tokens), np.int32) if puzzle_identifiers is None else np.asarray(puzzle_identifiers, np.int32)
+    batch = dict(inputs=torch.from_numpy(tokens.astype(np.int32)).to(device), puzzle_identifiers=torch.from_numpy(ids).to(device))
     carry, predictions, q_halt = model.initial_carry(batch), [], []
     while True:
         carry, _, _, outputs = forward(carry, batch)
