@@ -208,14 +208,27 @@ class HRMConfig:
     loss_type: str = "stablemax"    # 'stablemax' or 'softmax'
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        if self.pos_encodings not in ("rope", "learned"):
-            raise ValueError(f"pos_encodings must be 'rope' or 'learned', got {self.pos_encodings!r}")
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, got {self.loss_type!r}")
-        if self.forward_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"forward_dtype must be 'float32', 'bfloat16' or 'float16', got {self.forward_dtype!r}")
+        check_ranges(self, [
+            ("vocab_size", self.vocab_size >= 1, ">= 1"), ("seq_len", self.seq_len >= 1, ">= 1"),
+            ("puzzle_emb_ndim", self.puzzle_emb_ndim >= 0, ">= 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("num_puzzle_identifiers", self.num_puzzle_identifiers >= 1, ">= 1"),
+            ("H_cycles", self.H_cycles >= 1, ">= 1"), ("L_cycles", self.L_cycles >= 1, ">= 1"),
+            ("H_layers", self.H_layers >= 1, ">= 1"), ("L_layers", self.L_layers >= 1, ">= 1"),
+            ("hidden_size", self.hidden_size >= 1, ">= 1"), ("expansion", self.expansion > 0, "> 0"),
+            ("num_heads", self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "a divisor of hidden_size"),
+            ("pos_encodings", self.pos_encodings in ("rope", "learned"), "'rope' or 'learned'"),
+            ("halt_max_steps", self.halt_max_steps >= 1, ">= 1"),
+            ("halt_exploration_prob", 0 <= self.halt_exploration_prob <= 1, "in [0, 1]"),
+            ("forward_dtype", self.forward_dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+            ("loss_type", self.loss_type in LOSSES, f"one of {sorted(LOSSES)}")])
+
+
+def check_ranges(values, rules):
+    """rules: (name, ok, what it must be); the first broken one is a ValueError 'name=value: must be ...'."""
+    for name, ok, need in rules:
+        if not ok:
+            value = values[name] if isinstance(values, dict) else getattr(values, name)
+            raise ValueError(f"{name}={value!r}: must be {need}")
 
 
 @dataclass
@@ -410,14 +423,18 @@ class HRM(nn.Module):
                              optimizer="adam_atan2"):
         """The dense optimizer over every parameter (weight decay on all, as the original) and the SignSGD
         optimizer of the sparse puzzle embedding, or None without one. Returns (dense, sparse)."""
+        check_ranges(dict(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, optimizer=optimizer,
+                          puzzle_emb_lr=puzzle_emb_lr, puzzle_emb_weight_decay=puzzle_emb_weight_decay), [
+            ("learning_rate", learning_rate > 0, "> 0"), ("weight_decay", weight_decay >= 0, ">= 0"),
+            ("betas", all(0 <= b < 1 for b in betas), "in [0, 1)"), ("puzzle_emb_lr", puzzle_emb_lr >= 0, ">= 0"),
+            ("puzzle_emb_weight_decay", puzzle_emb_weight_decay >= 0, ">= 0"),
+            ("optimizer", optimizer in ("adam_atan2", "adamw"), "'adam_atan2' or 'adamw'")])
         params = list(self.parameters())
         if optimizer == "adam_atan2":
             dense = AdamAtan2(params, lr=learning_rate, betas=betas, weight_decay=weight_decay)
-        elif optimizer == "adamw":
+        else:
             dense = torch.optim.AdamW(params, lr=learning_rate, betas=betas, weight_decay=weight_decay,
                                       fused=params[0].is_cuda)
-        else:
-            raise ValueError(f"optimizer must be 'adam_atan2' or 'adamw', got {optimizer!r}")
         sparse = None
         if self.config.puzzle_emb_ndim > 0:
             sparse = PuzzleEmbeddingSignSGD(self.puzzle_emb, lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from dataset import DataError, PuzzleData, TrainBatches, remove_stale_temp_files, test_batches
-from model import HRM, HRMConfig, LOSSES, Carry, check_device, load_checkpoint, load_reference_checkpoint
+from model import HRM, HRMConfig, Carry, check_device, check_ranges, load_checkpoint, load_reference_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe (see config/*.py for others)
@@ -103,29 +103,19 @@ elif not eval_only and os.path.exists(ckpt_path):
                      f"(a new run would overwrite it)")
 config = {k: globals()[k] for k in config_keys}
 
-# every value is checked before anything is loaded: one line naming the key
+# the loop's values are checked here, the model's and optimizers' where HRMConfig and configure_optimizers read them
 _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs > 0, '> 0'),
           ('eval_interval', eval_interval > 0, '> 0'), ('log_interval', log_interval > 0, '> 0'),
           ('max_steps', max_steps >= 0, '>= 0 (0 = the whole schedule)'), ('eval_max_examples', eval_max_examples >= 0, '>= 0'),
-          ('seed', seed >= 0, '>= 0'), ('learning_rate', learning_rate > 0, '> 0'), ('puzzle_emb_lr', puzzle_emb_lr >= 0, '>= 0'),
-          ('weight_decay', weight_decay >= 0, '>= 0'), ('puzzle_emb_weight_decay', puzzle_emb_weight_decay >= 0, '>= 0'),
-          ('warmup_steps', warmup_steps >= 0, '>= 0'), ('lr_min_ratio', 0 <= lr_min_ratio <= 1, 'in [0, 1]'),
-          ('beta1', 0 <= beta1 < 1, 'in [0, 1)'), ('beta2', 0 <= beta2 < 1, 'in [0, 1)'), ('grad_clip', grad_clip >= 0, '>= 0'),
-          ('H_cycles', H_cycles >= 1, '>= 1'), ('L_cycles', L_cycles >= 1, '>= 1'), ('H_layers', H_layers >= 1, '>= 1'),
-          ('L_layers', L_layers >= 1, '>= 1'), ('hidden_size', hidden_size >= 1, '>= 1'), ('num_heads', num_heads >= 1, '>= 1'),
-          ('expansion', expansion > 0, '> 0'), ('puzzle_emb_ndim', puzzle_emb_ndim >= 0, '>= 0'),
-          ('halt_max_steps', halt_max_steps >= 1, '>= 1'), ('halt_exploration_prob', 0 <= halt_exploration_prob <= 1, 'in [0, 1]'),
-          ('pos_encodings', pos_encodings in ('rope', 'learned'), "'rope' or 'learned'"),
-          ('loss_type', loss_type in LOSSES, f"one of {sorted(LOSSES)}"), ('optimizer', optimizer in ('adam_atan2', 'adamw'), "'adam_atan2' or 'adamw'"),
+          ('seed', seed >= 0, '>= 0'), ('warmup_steps', warmup_steps >= 0, '>= 0'),
+          ('lr_min_ratio', 0 <= lr_min_ratio <= 1, 'in [0, 1]'), ('grad_clip', grad_clip >= 0, '>= 0'),
           ('init_from', init_from in ('scratch', 'resume', 'reference'), "'scratch', 'resume' or 'reference'"),
           ('dtype', dtype in ('float32', 'bfloat16', 'float16'), "'float32', 'bfloat16' or 'float16'"),
           ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
-for _key, _ok, _need in _rules:
-    if not _ok:
-        raise SystemExit(f"train.py: {_key}={globals()[_key]!r}: must be {_need}")
 try:
+    check_ranges(globals(), _rules)
     check_device(device)
-except DataError as e:
+except (ValueError, DataError) as e:
     raise SystemExit(f"train.py: {e}")
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
@@ -193,8 +183,11 @@ if checkpoint is not None:
                          f"nothing to train; raise max_steps or epochs, or evaluate with --eval_only=True")
 model.to(device)
 raw_model = model
-dense_optimizer, sparse_optimizer = model.configure_optimizers(
-    learning_rate, weight_decay, (beta1, beta2), puzzle_emb_lr, puzzle_emb_weight_decay, optimizer)
+try:
+    dense_optimizer, sparse_optimizer = model.configure_optimizers(
+        learning_rate, weight_decay, (beta1, beta2), puzzle_emb_lr, puzzle_emb_weight_decay, optimizer)
+except ValueError as e:
+    raise SystemExit(f"train.py: {e}")
 optimizers = [(dense_optimizer, learning_rate)] + ([(sparse_optimizer, puzzle_emb_lr)] if sparse_optimizer else [])
 train_batches = TrainBatches(train_data, global_batch_size, rank, world_size, seed)
 torch.manual_seed(seed + rank)  # halting exploration differs between processes
