@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.request
 
@@ -42,7 +43,18 @@ METADATA_TYPES = dict(pad_id=int, blank_identifier_id=int, vocab_size=int, seq_l
 
 
 class DataError(ValueError):
-    """A bad input file, row, dataset or checkpoint; str() is one line naming it and what is wrong."""
+    """Bad input: a file, row, dataset, checkpoint or setting; str() is one line naming it and what is wrong."""
+
+
+def brief_errors(script):
+    """From now on a DataError that reaches the top ends the program as one line 'script: message' (exit
+    status 1) instead of a traceback; any other exception is still reported in full, as the bug it is."""
+    def hook(kind, error, traceback):
+        if issubclass(kind, DataError):
+            print(f"{script}: {error}", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, traceback)
+    sys.excepthook = hook
 
 
 # -----------------------------------------------------------------------------

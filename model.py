@@ -224,11 +224,12 @@ class HRMConfig:
 
 
 def check_ranges(values, rules):
-    """rules: (name, ok, what it must be); the first broken one is a ValueError 'name=value: must be ...'."""
+    """rules: (name, ok, what it must be); the first broken one is a DataError (a ValueError) 'name=value:
+    must be ...'."""
     for name, ok, need in rules:
         if not ok:
             value = values[name] if isinstance(values, dict) else getattr(values, name)
-            raise ValueError(f"{name}={value!r}: must be {need}")
+            raise DataError(f"{name}={value!r}: must be {need}")
 
 
 @dataclass
@@ -556,7 +557,7 @@ def config_from_reference(reference_config, **overrides):
     known = {f.name for f in fields(HRMConfig)}
     unknown = sorted(k for k in flat if k not in known and k not in REFERENCE_IGNORED_KEYS)
     if unknown:
-        raise ValueError(f"unknown keys in the reference config: {', '.join(unknown)}")
+        raise DataError(f"unknown keys in the reference config: {', '.join(unknown)}")
     return HRMConfig(**{k: v for k, v in flat.items() if k in known})
 
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, dataset_path, download, human_bytes, metadata, puzzle_arrays, read_csv, \
+from dataset import BadRows, DataError, brief_errors, dataset_path, download, human_bytes, metadata, puzzle_arrays, read_csv, \
     resolve_input, write_dataset
 
 # -----------------------------------------------------------------------------
@@ -307,10 +307,8 @@ def main():
 
 
 if __name__ == "__main__":
+    brief_errors("prepare_sudoku.py")  # bad input ends the build with one line, not a traceback
     # a SIGTERM becomes SystemExit, so the temporary directory is cleaned up as on Ctrl-C
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    try:
-        main()
-    except DataError as e:
-        raise SystemExit(f"prepare_sudoku.py: {e}")
+    main()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import BadRows, DataError
+from dataset import BadRows, DataError, brief_errors
 from model import HRM, HRMConfig, check_device, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def load_model():
     try:
         checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
         model = HRM(HRMConfig(**dict(checkpoint['model_args'], forward_dtype=dtype)))
-    except (DataError, ValueError) as e:
+    except DataError as e:
         raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
     model.load_state_dict(checkpoint['model'])
     if halt_max_steps > 0:
@@ -57,7 +57,8 @@ def run(model, forward, tokens, puzzle_identifiers=None):
     halting probabilities (segments, N). puzzle_identifiers (N,): the trained puzzle embeddings to use (the
     blank one, 0, by default)."""
     ids = np.zeros(len(tokens), np.int32) if puzzle_identifiers is None else np.asarray(puzzle_identifiers, np.int32)
-    batch = dict(inputs=torch.from_numpy(tokens.astype(np.int32)).to(device), puzzle_identifiers=torch.from_numpy(ids).to(device))
+    batch = dict(inputs=torch.from_numpy(tokens.astype(np.int32)).to(device),
+                 puzzle_identifiers=torch.from_numpy(ids).to(device))
     carry, predictions, q_halt = model.initial_carry(batch), [], []
     while True:
         carry, _, _, outputs = forward(carry, batch)
@@ -134,14 +135,12 @@ def sudoku(model, forward):
 TASKS = {'sudoku': sudoku}  # the dataset's task -> what sample.py does with its model
 
 if __name__ == '__main__':
+    brief_errors('sample.py')  # bad input ends with one line, not a traceback
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    try:
-        if batch_size < 1 or max_puzzles < 0 or halt_max_steps < 0:
-            raise DataError("batch_size must be >= 1, max_puzzles and halt_max_steps >= 0")
-        if puzzles and not os.path.isfile(puzzles):
-            raise DataError(f"{puzzles}: no such file")
-        check_device(device)
-        task, model, forward = load_model()
-        TASKS[task](model, forward)
-    except DataError as e:
-        raise SystemExit(f"sample.py: {e}")
+    if batch_size < 1 or max_puzzles < 0 or halt_max_steps < 0:
+        raise DataError("batch_size must be >= 1, max_puzzles and halt_max_steps >= 0")
+    if puzzles and not os.path.isfile(puzzles):
+        raise DataError(f"{puzzles}: no such file")
+    check_device(device)
+    task, model, forward = load_model()
+    TASKS[task](model, forward)

@@ -13,6 +13,7 @@ reports the model's metrics and, where the dataset names its task, the task's ow
 evaluate: a maze's path validity, ARC's voted answers).
 """
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -24,8 +25,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import DataError, PuzzleData, TrainBatches, remove_stale_temp_files, test_batches
+from dataset import DataError, PuzzleData, TrainBatches, brief_errors, remove_stale_temp_files, test_batches
 from model import HRM, HRMConfig, Carry, check_device, check_ranges, load_checkpoint, load_reference_checkpoint
+
+brief_errors('train.py')  # bad input (data, checkpoint, config) ends the run with one line, not a traceback
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe (see config/*.py for others)
@@ -87,20 +90,17 @@ MACHINE_KEYS = ('device', 'dtype', 'compile', 'backend')  # taken from this mach
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
 if init_from == 'resume':
-    try:
-        checkpoint = load_checkpoint(ckpt_path)
-    except DataError as e:
-        raise SystemExit(f"train.py: init_from='resume': {e}")
+    checkpoint = load_checkpoint(ckpt_path)
     for k in config_keys:
         saved = checkpoint['config'].get(k, globals()[k])
         if k in config_overrides and k in FIXED_KEYS and config_overrides[k] != saved:
-            raise SystemExit(f"train.py: {k}={config_overrides[k]!r}, but the run in {ckpt_path} has {saved!r}; "
-                             f"a resumed run keeps it (train from scratch in another out_dir to change it)")
+            raise DataError(f"{k}={config_overrides[k]!r}, but the run in {ckpt_path} has {saved!r}; a resumed run "
+                            f"keeps it (train from scratch in another out_dir to change it)")
         if k not in config_overrides and k not in MACHINE_KEYS:
             globals()[k] = saved
 elif not eval_only and os.path.exists(ckpt_path):
-    raise SystemExit(f"train.py: {ckpt_path} exists: continue it with --init_from=resume, or train in another out_dir "
-                     f"(a new run would overwrite it)")
+    raise DataError(f"{ckpt_path} exists: continue it with --init_from=resume, or train in another out_dir (a new "
+                    f"run would overwrite it)")
 config = {k: globals()[k] for k in config_keys}
 
 # the loop's values are checked here, the model's and optimizers' where HRMConfig and configure_optimizers read them
@@ -112,11 +112,8 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('init_from', init_from in ('scratch', 'resume', 'reference'), "'scratch', 'resume' or 'reference'"),
           ('dtype', dtype in ('float32', 'bfloat16', 'float16'), "'float32', 'bfloat16' or 'float16'"),
           ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
-try:
-    check_ranges(globals(), _rules)
-    check_device(device)
-except (ValueError, DataError) as e:
-    raise SystemExit(f"train.py: {e}")
+check_ranges(globals(), _rules)
+check_device(device)
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
 if ddp:
@@ -132,7 +129,7 @@ if master_process:  # kernels.py logs the backend each operation picks (Triton o
     logging.basicConfig(format='%(name)s: %(message)s')
     logging.getLogger('hrm.attn').setLevel(logging.INFO)
 if global_batch_size % world_size:
-    raise SystemExit(f"train.py: global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
+    raise DataError(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
 batch_size = global_batch_size // world_size  # per process
 device_type = 'cuda' if 'cuda' in device else device.split(':')[0]
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -142,18 +139,14 @@ torch.backends.cudnn.allow_tf32 = True
 # data, model, optimizers, and the state to resume from
 
 data_dir = os.path.join('data', dataset)
-try:
-    train_data = PuzzleData(os.path.join(data_dir, 'train'))
-    test_data = PuzzleData(os.path.join(data_dir, 'test'))
-except DataError as e:
-    raise SystemExit(f"train.py: {e}")
+train_data = PuzzleData(os.path.join(data_dir, 'train'))
+test_data = PuzzleData(os.path.join(data_dir, 'test'))
 meta = train_data.meta
 task_evaluate = None  # the task's own metrics, from prepare_<task>.py when the dataset names its task
 if meta.get('task'):
-    try:
-        task_evaluate = getattr(importlib.import_module(f"prepare_{meta['task']}"), 'evaluate', None)
-    except ModuleNotFoundError:
-        raise SystemExit(f"train.py: {data_dir} was built for task {meta['task']!r}, but there is no prepare_{meta['task']}.py")
+    if importlib.util.find_spec(f"prepare_{meta['task']}") is None:
+        raise DataError(f"{data_dir} was built for task {meta['task']!r}, but there is no prepare_{meta['task']}.py")
+    task_evaluate = getattr(importlib.import_module(f"prepare_{meta['task']}"), 'evaluate', None)
 num_eval = test_data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, test_data.num_examples)
 total_steps = max(1, int(epochs * train_data.num_groups * meta['mean_puzzle_examples'] / global_batch_size))  # lr schedule
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
@@ -164,30 +157,24 @@ model_args = dict(vocab_size=meta['vocab_size'], seq_len=meta['seq_len'], batch_
                   halt_exploration_prob=halt_exploration_prob, forward_dtype=dtype, loss_type=loss_type)
 iter_num = 0
 torch.manual_seed(seed)  # the same initial weights in every process
-try:
-    if init_from == 'reference':
-        model = load_reference_checkpoint(reference_checkpoint, model_args)
-    else:
-        model = HRM(HRMConfig(**model_args))
-except (ValueError, DataError) as e:
-    raise SystemExit(f"train.py: {e}")
+if init_from == 'reference':
+    model = load_reference_checkpoint(reference_checkpoint, model_args)
+else:
+    model = HRM(HRMConfig(**model_args))
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
         if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob') and model_args.get(k) != v:
-            raise SystemExit(f"train.py: {ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
-                             f"(was {data_dir} rebuilt?)")
+            raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
+                            f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
     if iter_num >= stop_step and not eval_only:
-        raise SystemExit(f"train.py: {ckpt_path} is at step {iter_num:,}, the end of this run ({stop_step:,} steps): "
-                         f"nothing to train; raise max_steps or epochs, or evaluate with --eval_only=True")
+        raise DataError(f"{ckpt_path} is at step {iter_num:,}, the end of this run ({stop_step:,} steps): nothing to "
+                        f"train; raise max_steps or epochs, or evaluate with --eval_only=True")
 model.to(device)
 raw_model = model
-try:
-    dense_optimizer, sparse_optimizer = model.configure_optimizers(
-        learning_rate, weight_decay, (beta1, beta2), puzzle_emb_lr, puzzle_emb_weight_decay, optimizer)
-except ValueError as e:
-    raise SystemExit(f"train.py: {e}")
+dense_optimizer, sparse_optimizer = model.configure_optimizers(
+    learning_rate, weight_decay, (beta1, beta2), puzzle_emb_lr, puzzle_emb_weight_decay, optimizer)
 optimizers = [(dense_optimizer, learning_rate)] + ([(sparse_optimizer, puzzle_emb_lr)] if sparse_optimizer else [])
 train_batches = TrainBatches(train_data, global_batch_size, rank, world_size, seed)
 torch.manual_seed(seed + rank)  # halting exploration differs between processes
@@ -254,7 +241,7 @@ def save_checkpoint():
         fingerprint = torch.stack([t.double().sum() for t in raw_model.state_dict().values() if t.is_floating_point()])
         fingerprints = gather(fingerprint[None])
         if not (fingerprints == fingerprints[0]).all():
-            raise SystemExit(f"train.py: step {iter_num}: the processes' weights differ; not saving")
+            raise RuntimeError(f"step {iter_num}: the processes' weights differ; not saving")
     saved_carry = {k: gather(v).cpu() for k, v in carry.state_dict().items()}
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
     rngs = [rng]
@@ -317,24 +304,15 @@ def log_eval(step):
 
 def trim_eval_log(step):
     """The log holds this run's evaluations up to its checkpoint: drop the lines after `step` (a run killed
-    between logging an evaluation and saving its checkpoint, or an earlier run that saved none) and any
-    line cut short, so a resumed run does not repeat them."""
-    path = os.path.join(out_dir, 'eval_log.jsonl')
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.read().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)['step'] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
-    if len(kept) != len(lines):
-        with open(path + f'.tmp-{os.getpid()}', 'w') as f:
-            f.write(''.join(line + '\n' for line in kept))
-        os.replace(path + f'.tmp-{os.getpid()}', path)
+    between logging an evaluation and saving its checkpoint, or an earlier run that saved none) and a line
+    cut short, so a resumed run does not repeat them."""
+    path, tmp = os.path.join(out_dir, 'eval_log.jsonl'), os.path.join(out_dir, f'eval_log.jsonl.tmp-{os.getpid()}')
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.endswith('}\n') and json.loads(line)['step'] <= step]
+        with open(tmp, 'w') as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
 
 
 if wandb_log and master_process:
