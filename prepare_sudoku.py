@@ -264,9 +264,9 @@ def build_dataset(train_path, test_path, out_path, subsample_size=0, min_difficu
                   skip_bad=False, show_progress=False, log=print):
     """Read and check both CSVs, subsample and augment the training puzzles, write the dataset atomically
     (dataset.write_dataset). Returns the bytes written. Raises DataError for bad input."""
-    if num_aug < 0 or subsample_size < 0 or min_difficulty < 0:
-        raise DataError(f"num_aug, subsample_size and min_difficulty must be >= 0, got {num_aug}, "
-                        f"{subsample_size}, {min_difficulty}")
+    for key, value in dict(num_aug=num_aug, subsample_size=subsample_size, min_difficulty=min_difficulty, seed=seed).items():
+        if value < 0:
+            raise DataError(f"{key}={value}: must be >= 0")
     rng, splits = np.random.default_rng(seed), {}
     for split, path in (("train", train_path), ("test", test_path)):
         bad = BadRows(skip_bad)

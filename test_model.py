@@ -1290,6 +1290,9 @@ def test_bad_row_on_the_command_line_is_one_clean_line(tmp_path):
     assert meta["total_groups"] == 2 and meta["build"]["rows_skipped"] == {"answer contradicts clues": 1}
     result = run_prepare("--train_csv=missing.csv", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr == "prepare_sudoku.py: missing.csv: no such file\n"
+    for bad_value in ("--seed=-1", "--num_aug=-2", "--subsample_size=-5"):
+        result = run_prepare("--train_csv=train.csv", "--test_csv=test.csv", bad_value, cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr == f"prepare_sudoku.py: {bad_value[2:]}: must be >= 0\n"
 
 
 def test_skip_bad_counts_every_reason(tmp_path):
