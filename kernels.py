@@ -102,7 +102,6 @@ FLASH_HEAD_DIMS = (64, 128)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)  # on CUDA; float32 runs only under the CPU interpreter (tests)
 
 if triton is not None:
-    LOG2E = tl.constexpr(1.4426950408889634)  # a kernel may read a global only if it is a constexpr
 
     @triton.jit
     def _load_tile(X, rows, T, stride_t, COLS: tl.constexpr):
@@ -186,7 +185,7 @@ if triton is not None:
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """O (B, T, H, D) and its base-2 logsumexp LSE (B, H, T), both contiguous."""
         HALF: tl.constexpr = HEAD_DIM // 2
-        QK_SCALE: tl.constexpr = SCALE * LOG2E  # scores in base 2: exp2(s) == exp(q.k * scale)
+        QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # log2(e): exp2(s) == exp(q.k * scale)
         pid_m, bh, b, h = _block_and_head(T, BLOCK_M, H)
         cos, sin = COS + b * stride_cb, SIN + b * stride_cb
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,7 +223,7 @@ if triton is not None:
         """dQ (B, T, H, D, contiguous) of BLOCK_M queries: sum over the key tiles of dS k * scale.
         LSE and DELTA are (B, H, T)."""
         HALF: tl.constexpr = HEAD_DIM // 2
-        QK_SCALE: tl.constexpr = SCALE * LOG2E
+        QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
         pid_m, bh, b, h = _block_and_head(T, BLOCK_M, H)
         cos, sin = COS + b * stride_cb, SIN + b * stride_cb
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -260,7 +259,7 @@ if triton is not None:
         """dK, dV (B, T, H, D, contiguous) of BLOCK_N keys: sums over the query tiles of dS^T q * scale and
         P^T dO. The tiles are transposed (keys as rows), so the sums are plain dots."""
         HALF: tl.constexpr = HEAD_DIM // 2
-        QK_SCALE: tl.constexpr = SCALE * LOG2E
+        QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
         pid_n, bh, b, h = _block_and_head(T, BLOCK_N, H)
         cos, sin = COS + b * stride_cb, SIN + b * stride_cb
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -2,7 +2,8 @@
 Tuned attention paths for Hopper GPUs (H100, H200), at HRM's two sequence lengths: Sudoku's 82 tokens and
 the 900 of mazes and ARC grids. The contract and the maths are those of kernels.flash_attention (see the
 docstring of kernels.py); kernels.attention uses these paths for CUDA tensors on a compute-capability-9
-GPU unless kernels.set_use_hopper(False). What they do differently:
+GPU at head_dim 64 (at 128 their tiles spill registers) unless kernels.set_use_hopper(False). What they
+do differently:
 
 - Short sequences (T <= 128). A head's queries fit one tile and its keys one or two, so a program of the
   reference grid does little work and spends its life waiting on memory. A persistent grid walks the
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import (FLASH_HEAD_DIMS, LOG2E, _bth, _block_and_head, _load_pair, _load_rotated, _load_tile, _qk,
+from kernels import (FLASH_HEAD_DIMS, _bth, _block_and_head, _load_pair, _load_rotated, _load_tile, _qk,
                      _rope_tables, _rotate, _rotate_rounded, _store_o_lse, _store_rotated_back, _store_tile,
                      _unit_last_stride)
 
@@ -139,7 +140,7 @@ def _attn_fwd_tiled_step(acc, l, m, q, KD, VD, b, h, start_n, T, QK_SCALE: tl.co
 def _attn_fwd_tiled(QD, KD, VD, O, LSE,  # q, k, v through TMA descriptors; O, LSE as in kernels._attn_fwd
                     H, T, HEAD_DIM: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
-    QK_SCALE: tl.constexpr = SCALE * LOG2E
+    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
     pid_m, bh, b, h = _block_and_head(T, BLOCK_M, H)
     q = _load_box(QD, b, pid_m * BLOCK_M, h, BLOCK_M, HEAD_DIM)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -190,7 +191,7 @@ def _attn_fwd_persistent(QD, KFD, KLD, VFD, VLD, O, LSE,  # TMA descriptors: q; 
                          FIRST_KEYS: tl.constexpr, LAST_KEYS: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Without RoPE: q, k, v go through TMA descriptors straight to shared memory (KLD, VLD unused when
     LAST_KEYS = 0), and the loop over heads is software-pipelined NUM_STAGES deep."""
-    QK_SCALE: tl.constexpr = SCALE * LOG2E
+    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
     for bh in tl.range(tl.program_id(0), n_bh, tl.num_programs(0), num_stages=NUM_STAGES):
         b = bh // H
         h = bh % H
@@ -251,7 +252,7 @@ def _attn_fwd_persistent_rope(Q, K, V, COS, SIN, O, LSE,
     so they come through pointer loads, and the next head's tiles are loaded by hand before this head's
     arithmetic (Triton's loop pipelining does not prefetch loads that feed elementwise work). A shared (T, D)
     table (SHARED_TABLE) is read once, before the loop."""
-    QK_SCALE: tl.constexpr = SCALE * LOG2E
+    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
     step = tl.num_programs(0)
     q1, q2, kf1, kf2, kl1, kl2, vf, vl, cq, sq, cf, sf, cl, sl = _load_head(
         Q, K, V, COS, SIN, tl.program_id(0), n_bh, stride_qb, stride_qt, stride_qh, stride_vb, stride_vt,
@@ -289,7 +290,7 @@ def _attn_bwd_one_tile(Q, K, V, COS, SIN, O, DO, LSE, DQ, DK, DV,
     step. ROPE_IN rotates q and k as they are loaded (the persistent forward saved them unrotated); ROPE_OUT
     rotates the gradients back."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    QK_SCALE: tl.constexpr = SCALE * LOG2E
+    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -349,7 +350,7 @@ def _attn_bwd_dq_tma(QD, KD, VD, DOD, O, LSE, DELTA, DQ, COS, SIN, stride_cb, st
     """dQ of BLOCK_M queries (q, k, v, dO through TMA descriptors; O, DQ contiguous (B, T, H, D)). Also
     writes delta = rowsum(dO * O) for the dK/dV kernel launched after it."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    QK_SCALE: tl.constexpr = SCALE * LOG2E
+    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
     pid_m, bh, b, h = _block_and_head(T, BLOCK_M, H)
     head = (b * T * H + h) * HEAD_DIM
     start_m = pid_m * BLOCK_M
@@ -391,7 +392,7 @@ def _dkdv_block(QD, KD, VD, DOD, LSE, DELTA, DK, DV, COS, SIN, b, h, bh, start_n
                 BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     """dK, dV of BLOCK_N keys from start_n, over all query blocks."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    QK_SCALE: tl.constexpr = SCALE * LOG2E
+    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
     k = _load_box(KD, b, start_n, h, BLOCK_N, HEAD_DIM)
     v = _load_box(VD, b, start_n, h, BLOCK_N, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
