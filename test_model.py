@@ -473,68 +473,46 @@ def packed_qkv(B, T, H, D, dtype, generator, scale=1.0):
     return qkv, qkv.split(H, dim=2)
 
 
-def check_attention(B, T, H, D, dtype, rope, per_sample=False, seed=0, scale=1.0):
+def reference_grads(q, k, v, cos, sin, dout):
+    """attention_reference in float64 on the same inputs: its output and dq, dk, dv."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    tables = (cos.double(), sin.double()) if cos is not None else (None, None)
+    ref = kernels.attention_reference(q64, k64, v64, *tables)
+    return (ref,) + torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+
+
+def check_attention(flash, B, T, H, D, dtype, rope, per_sample=False, seed=0):
+    """flash (kernels.flash_attention or kernels_hopper's) against the float64 reference, forward and backward,
+    on q, k, v that are views of one packed projection."""
     g = torch.Generator().manual_seed(seed)
-    qkv, (q, k, v) = packed_qkv(B, T, H, D, dtype, g, scale)
+    qkv, (q, k, v) = packed_qkv(B, T, H, D, dtype, g)
     cos, sin = rope_tables(B, T, D, per_sample, g) if rope else (None, None)
-    out = kernels.flash_attention(q, k, v, cos, sin)
+    out = flash(q, k, v, cos, sin)
     dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
     out.backward(dout)
-
-    qkv64 = qkv.detach().double().requires_grad_()
-    q64, k64, v64 = qkv64.split(H, dim=2)
-    ref = kernels.attention_reference(q64, k64, v64, *((cos.double(), sin.double()) if rope else (None, None)))
-    ref.backward(dout.double())
+    ref, *ref_grads = reference_grads(q, k, v, cos, sin, dout)
     assert out.shape == ref.shape and out.dtype == dtype
     # with one token the softmax is constant, so dq = dk = 0: measure them against unit-sized gradients
     floor = math.sqrt(out.numel()) if T == 1 else 0.0
-    errs = [rel_err(out, ref)] + [rel_err(a, b, floor) for a, b in zip(qkv.grad.split(H, 2), qkv64.grad.split(H, 2))]
+    errs = [rel_err(out, ref)] + [rel_err(a, b, floor) for a, b in zip(qkv.grad.split(H, 2), ref_grads)]
     assert max(errs) < TOL[dtype], f"out, dq, dk, dv relative errors {errs}"
-    return errs
 
 
-@needs_triton
-@pytest.mark.parametrize("B, T, H, D, per_sample", [
-    (2, 1, 2, 64, True),     # a single token (time-series window of 1)
-    (2, 81, 2, 64, False),
-    (2, 82, 2, 64, True),    # Sudoku: 81 cells + the puzzle token; one key block, fused backward
-    (1, 82, 2, 128, False),
-    (1, 127, 2, 128, True),
-    (1, 256, 1, 64, False),  # whole key blocks only: no ragged tail
-    (1, 200, 1, 128, False),  # the two-kernel backward at head_dim 128
-    (1, 900, 1, 64, True),   # mazes / ARC: many key blocks and a ragged tail
-])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_matches_reference(B, T, H, D, per_sample, dtype):
-    check_attention(B, T, H, D, dtype, rope=True, per_sample=per_sample)
-
-
-@needs_triton
-@pytest.mark.parametrize("T", [82, 200])
-def test_attention_without_rope(T):
-    check_attention(2, T, 2, 64, DTYPES[-1], rope=False)
-
-
-@needs_triton
-@pytest.mark.parametrize("T", [82, 200])
-def test_attention_backward_of_a_sum(T):
-    """out.sum().backward() hands the backward an expanded gradient (all strides 0), which neither a
-    kernel's shared strides nor a TMA descriptor can take as it is."""
+def check_backward_of_a_sum(flash, T):
+    """out.sum().backward() hands the backward an expanded gradient (all strides 0)."""
     g = torch.Generator().manual_seed(2)
     dtype = DTYPES[0]
     qkv, (q, k, v) = packed_qkv(1, T, 2, 64, dtype, g)
     cos, sin = rope_tables(1, T, 64, False, g)
-    kernels.flash_attention(q, k, v, cos, sin).sum().backward()
+    flash(q, k, v, cos, sin).sum().backward()
     qkv64 = qkv.detach().double().requires_grad_()
     kernels.attention_reference(*qkv64.split(2, dim=2), cos.double(), sin.double()).sum().backward()
     assert rel_err(qkv.grad, qkv64.grad) < TOL[dtype]
 
 
-@needs_triton
-@pytest.mark.parametrize("T", [100, 200])
-def test_attention_padded_keys_do_not_overflow(T):
-    """Rows whose real scores are all very negative have a very negative logsumexp; the zero scores of
-    padded keys must be masked, or exp2(0 - lse) overflows into inf * 0 = NaN in dQ."""
+def check_padded_keys(flash, T):
+    """Rows whose real scores are all very negative have a very negative logsumexp; the zero scores of padded
+    keys (past T, in the last tile) must be masked, or exp2(0 - lse) overflows into inf * 0 = NaN in dQ."""
     g = torch.Generator().manual_seed(1)
     B, H, D = 1, 1, 64
     u = torch.randn(D, generator=g)
@@ -544,96 +522,62 @@ def test_attention_padded_keys_do_not_overflow(T):
     v = torch.randn(B, T, H, D, generator=g)
     dtype = DTYPES[0]
     qkv = torch.cat((q, k, v), dim=2).to(DEVICE, dtype).requires_grad_()
-    out = kernels.flash_attention(*qkv.split(H, dim=2))
+    out = flash(*qkv.split(H, dim=2))
     out.backward(torch.ones_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(qkv.grad).all()
     qkv64 = qkv.detach().double().requires_grad_()
-    ref = kernels.attention_reference(*qkv64.split(H, dim=2))
-    ref.backward(torch.ones_like(ref))
-    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, kernels.attention_reference(*qkv64.split(H, dim=2))) < TOL[dtype]
 
 
-@needs_triton
-@pytest.mark.parametrize("fwd_config, bwd_config", [
-    (None, (None, (32, 128, 4, 1))),                     # persistent forward, fused one-tile backward
-    ((64, 64, 4, 1), ((16, 32, 4, 1), (16, 32, 4, 1))),  # key tiles: q, k rotated by the separate pass
-    (None, ((32, 32, 4, 1), (32, 64, 4, 1))),            # two-kernel backward: RoPE pass first; a 32-key last tile
-    ((32, 128, 4, 1), (None, (32, 128, 4, 1))),          # one-tile tiled forward; fused backward, pre-rotated
-])
-def test_attention_kernel_paths(fwd_config, bwd_config):
-    """The launch paths the default configs do not all reach at one length, forced through explicit configs."""
-    g = torch.Generator().manual_seed(5)
-    B, T, H, D = 2, 82, 2, 64
-    dtype = DTYPES[0]
-    qkv, (q, k, v) = packed_qkv(B, T, H, D, dtype, g)
-    cos, sin = rope_tables(B, T, D, True, g)
-    q, k, v = (t.detach() for t in (q, k, v))
-    o, lse, q_saved, k_saved, rotated = kernels._flash_fwd(q, k, v, cos, sin, fwd_config)
-    do = torch.randn(o.shape, generator=g).to(DEVICE, dtype)
-    grads = kernels._flash_bwd(do, q_saved, k_saved, v, o, lse, cos, sin, rotated, bwd_config)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref = kernels.attention_reference(q64, k64, v64, cos.double(), sin.double())
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
-    assert rotated == (fwd_config is not None)
-    if rotated:
-        for saved, x in ((q_saved, q64), (k_saved, k64)):
-            assert rel_err(saved, kernels.apply_rotary(x.detach(), cos.double(), sin.double())) < TOL[dtype] / 10
-    for a, b in zip((o,) + grads, (ref,) + ref_grads):
-        assert rel_err(a, b) < TOL[dtype]
-
-
-@needs_triton
-def test_backward_takes_q_and_k_with_different_strides():
-    """The two-kernel backward of unrotated q, k rotates them first, in a pass that reads both with one
-    set of strides: a k laid out differently from q must be copied, not misread."""
+def check_layouts(flash, T):
+    """q, k, v and dO each with a layout of its own: k transposed from (B, H, T, D), v contiguous, dO strided."""
     g = torch.Generator().manual_seed(8)
-    B, T, H, D = 1, 82, 2, 64
+    B, H, D = 1, 2, 64
     dtype = DTYPES[0]
-    q, v, do = (torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    q = torch.randn(B, T, 2 * H, D, generator=g).to(DEVICE, dtype)[:, :, :H]
     k = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
-    cos, sin = rope_tables(B, T, D, False, g)
-    o, lse, q_saved, k_saved, rotated = kernels._flash_fwd(q, k, v, cos, sin)
-    grads = kernels._flash_bwd(do, q, k, v, o, lse, cos, sin, rotated, ((32, 32, 4, 1), (32, 64, 4, 1)))
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref = kernels.attention_reference(q64, k64, v64, cos.double(), sin.double())
-    for a, b in zip(grads, torch.autograd.grad(ref, (q64, k64, v64), do.double())):
+    v = torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype)
+    dout = torch.randn(B, T, H, 2 * D, generator=g).to(DEVICE, dtype)[..., ::2]
+    cos, sin = rope_tables(B, T, D, True, g)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grads = torch.autograd.grad(flash(q, k, v, cos, sin), (q, k, v), dout)
+    ref, *ref_grads = reference_grads(q, k, v, cos, sin, dout)
+    for a, b in zip(grads, ref_grads):
         assert rel_err(a, b) < TOL[dtype]
 
 
 @needs_triton
-@pytest.mark.parametrize("programs", [1, 4, 6, 9])
-@pytest.mark.parametrize("tables", ["none", "shared", "per_sample"])
-def test_persistent_forward_covers_every_head(programs, tables):
-    """The short-sequence forward walks B * H = 6 heads with a grid of `programs` programs (capped at 6),
-    without RoPE its loop pipelined two heads deep, with RoPE each prefetching its next head by hand:
-    uneven shares, prefetches past the last head and programs with fewer heads than stages must be
-    right, with no RoPE, one (T, D) table for all samples, or (B, T, D) tables."""
-    g = torch.Generator().manual_seed(7)
-    B, T, H, D = 3, 82, 2, 64
-    dtype = DTYPES[0]
-    qkv, (q, k, v) = packed_qkv(B, T, H, D, dtype, g)
-    cos, sin = rope_tables(B, T, D, tables == "per_sample", g) if tables != "none" else (None, None)
-    q, k, v = (t.detach() for t in (q, k, v))
-    o, lse, _, _, rotated = kernels._flash_fwd(q, k, v, cos, sin, short_config=(4, programs, 2) if cos is None else (4, programs))
-    q64, k64, v64 = (t.double() for t in (q, k, v))
-    if cos is not None:
-        q64, k64 = (kernels.apply_rotary(x, cos.double(), sin.double()) for x in (q64, k64))
-    ref = kernels.attention_reference(q64, k64, v64)
-    qr, kr = q64.transpose(1, 2), k64.transpose(1, 2)
-    ref_lse = torch.logsumexp(qr @ kr.transpose(-1, -2) / math.sqrt(D), dim=-1) / math.log(2)
-    assert not rotated
-    assert rel_err(o, ref) < TOL[dtype]
-    assert torch.allclose(lse.double(), ref_lse, atol=1e-3)
+@pytest.mark.parametrize("B, T, H, D, per_sample", [
+    (2, 1, 2, 64, True),     # a single token (time-series window of 1)
+    (2, 82, 2, 64, True),    # Sudoku: 81 cells + the puzzle token; a ragged second block of 18 rows
+    (1, 82, 2, 128, False),
+    (1, 128, 1, 64, False),  # whole blocks only: no ragged tail
+    (1, 200, 1, 128, True),  # several blocks and a ragged tail, at head_dim 128
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_matches_reference(B, T, H, D, per_sample, dtype):
+    check_attention(kernels.flash_attention, B, T, H, D, dtype, rope=True, per_sample=per_sample)
 
 
 @needs_triton
-def test_rope_pass_matches_apply_rotary():
-    g = torch.Generator().manual_seed(6)
-    qkv, (q, k, v) = packed_qkv(2, 37, 3, 64, DTYPES[0], g)
-    cos, sin = rope_tables(2, 37, 64, True, g)
-    q_rot, k_rot = kernels._rope_qk_launch(q.detach(), k.detach(), cos, sin)
-    for a, x in ((q_rot, q), (k_rot, k)):
-        assert rel_err(a, kernels.apply_rotary(x.detach().double(), cos.double(), sin.double())) < TOL[DTYPES[0]] / 10
+@pytest.mark.parametrize("B, T, H", [(2, 82, 2), (1, 200, 1)])
+def test_attention_without_rope(B, T, H):
+    check_attention(kernels.flash_attention, B, T, H, 64, DTYPES[-1], rope=False)
+
+
+@needs_triton
+def test_attention_backward_of_a_sum():
+    check_backward_of_a_sum(kernels.flash_attention, 82)
+
+
+@needs_triton
+def test_attention_padded_keys_do_not_overflow():
+    check_padded_keys(kernels.flash_attention, 100)
+
+
+@needs_triton
+def test_attention_takes_any_layout_of_q_k_v():
+    check_layouts(kernels.flash_attention, 82)
 
 
 @needs_triton
@@ -667,14 +611,117 @@ def test_add_rms_norm_gradients_accumulate_when_inputs_share_a_leaf():
 
 
 # -----------------------------------------------------------------------------
+# kernels_hopper.py: its paths, forced at small sizes where the defaults would not reach them
+
+hopper = kernels.kernels_hopper
+needs_hopper = pytest.mark.skipif(hopper is None, reason="kernels_hopper does not import")
+ON_HOPPER = hopper is not None and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+@needs_hopper
+@pytest.mark.parametrize("B, T, H, D, rope, per_sample", [
+    (2, 82, 2, 64, True, True),     # persistent forward with RoPE, one-tile backward rotating q and k
+    (2, 82, 2, 64, False, False),   # persistent forward through TMA, first and last key tiles
+    (1, 127, 2, 128, True, False),  # one key tile, a shared table read once
+    (1, 200, 1, 128, True, True),   # RoPE pass, tiled forward, TMA backward with a 16-key last tile
+    (1, 256, 1, 64, False, False),  # whole blocks only
+])
+def test_hopper_matches_reference(B, T, H, D, rope, per_sample):
+    check_attention(hopper.flash_attention, B, T, H, D, DTYPES[-1], rope, per_sample)
+
+
+@needs_hopper
+@pytest.mark.parametrize("T", [82, 200])
+def test_hopper_backward_of_a_sum(T):
+    """The expanded gradient must be copied for the TMA descriptors (T = 200) and read right by the one-tile
+    kernel (T = 82)."""
+    check_backward_of_a_sum(hopper.flash_attention, T)
+
+
+@needs_hopper
+@pytest.mark.parametrize("T", [100, 200])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # in dK/dV rows of padded keys, never stored
+def test_hopper_padded_keys_do_not_overflow(T):
+    check_padded_keys(hopper.flash_attention, T)
+
+
+@needs_hopper
+@pytest.mark.parametrize("T", [82, 200])
+def test_hopper_takes_any_layout_of_q_k_v(T):
+    """The RoPE kernels read q and k with one set of strides: a k laid out differently must be copied."""
+    check_layouts(hopper.flash_attention, T)
+
+
+@needs_hopper
+@pytest.mark.parametrize("tiled_config, bwd_config", [
+    ((64, 64, 4, 1), ((16, 32, 4, 1), (16, 32, 4, 1))),  # key tiles: q, k rotated by the separate pass
+    (None, ((32, 32, 4, 1), (32, 64, 4, 1))),            # TMA backward of unrotated q, k: RoPE pass first
+    ((32, 128, 4, 1), (None, (32, 128, 4, 1))),          # one-tile tiled forward; one-tile backward, pre-rotated
+])
+def test_hopper_kernel_paths(tiled_config, bwd_config):
+    """The launch paths the default configs do not reach at T = 82, forced through explicit configs."""
+    g = torch.Generator().manual_seed(5)
+    B, T, H, D = 2, 82, 2, 64
+    dtype = DTYPES[0]
+    qkv, (q, k, v) = packed_qkv(B, T, H, D, dtype, g)
+    cos, sin = rope_tables(B, T, D, True, g)
+    q, k, v = (t.detach() for t in (q, k, v))
+    o, lse, q_saved, k_saved, rotated = hopper._flash_fwd(q, k, v, cos, sin, tiled_config)
+    do = torch.randn(o.shape, generator=g).to(DEVICE, dtype)
+    grads = hopper._flash_bwd(do, q_saved, k_saved, v, o, lse, cos, sin, rotated, bwd_config)
+    ref, *ref_grads = reference_grads(q, k, v, cos, sin, do)
+    assert rotated == (tiled_config is not None)
+    for a, b in zip((o,) + grads, [ref] + ref_grads):
+        assert rel_err(a, b) < TOL[dtype]
+
+
+@needs_hopper
+@pytest.mark.parametrize("programs", [1, 4, 6, 9])
+@pytest.mark.parametrize("tables", ["none", "shared", "per_sample"])
+def test_hopper_persistent_forward_covers_every_head(programs, tables):
+    """The short-sequence forward walks B * H = 6 heads with a grid of `programs` programs (capped at 6),
+    without RoPE its loop pipelined two heads deep, with RoPE each prefetching its next head by hand: uneven
+    shares, prefetches past the last head and programs with fewer heads than stages must be right, with no
+    RoPE, one (T, D) table for all samples, or (B, T, D) tables."""
+    g = torch.Generator().manual_seed(7)
+    B, T, H, D = 3, 82, 2, 64
+    dtype = DTYPES[0]
+    qkv, (q, k, v) = packed_qkv(B, T, H, D, dtype, g)
+    cos, sin = rope_tables(B, T, D, tables == "per_sample", g) if tables != "none" else (None, None)
+    q, k, v = (t.detach() for t in (q, k, v))
+    config = (4, programs, 2) if cos is None else (4, programs)
+    o, lse, _, _, rotated = hopper._flash_fwd(q, k, v, cos, sin, persistent_config=config)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    if cos is not None:
+        q64, k64 = (kernels.apply_rotary(x, cos.double(), sin.double()) for x in (q64, k64))
+    qr, kr = q64.transpose(1, 2), k64.transpose(1, 2)
+    ref_lse = torch.logsumexp(qr @ kr.transpose(-1, -2) / math.sqrt(D), dim=-1) / math.log(2)
+    assert not rotated
+    assert rel_err(o, kernels.attention_reference(q64, k64, v64)) < TOL[dtype]
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-3)
+
+
+@needs_hopper
+def test_hopper_rope_pass_matches_apply_rotary():
+    g = torch.Generator().manual_seed(6)
+    qkv, (q, k, v) = packed_qkv(2, 37, 3, 64, DTYPES[0], g)
+    cos, sin = rope_tables(2, 37, 64, True, g)
+    q_rot, k_rot = hopper._rope_pass_launch(q.detach(), k.detach(), cos, sin)
+    for a, x in ((q_rot, q), (k_rot, k)):
+        assert rel_err(a, kernels.apply_rotary(x.detach().double(), cos.double(), sin.double())) < TOL[DTYPES[0]] / 10
+
+
+# -----------------------------------------------------------------------------
 # backend selection
 
 @pytest.fixture
 def fresh_switch():
     kernels.set_use_flash(None)
+    kernels.set_use_hopper(True)
     kernels._logged.clear()
     yield
     kernels.set_use_flash(None)
+    kernels.set_use_hopper(True)
 
 
 def attn_inputs(D=64, device="cpu", dtype=torch.float32):
@@ -688,7 +735,7 @@ def records(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "hrm.attn"]
 
 
-def test_cpu_tensors_fall_back_to_pytorch_and_log_once(fresh_switch, caplog):
+def test_backend_cpu_tensors_fall_back_to_pytorch_and_log_once(fresh_switch, caplog):
     caplog.set_level(logging.INFO, logger="hrm.attn")
     q, k, v, cos, sin = attn_inputs()
     for _ in range(2):
@@ -700,7 +747,7 @@ def test_cpu_tensors_fall_back_to_pytorch_and_log_once(fresh_switch, caplog):
     assert torch.equal(kernels.add_rms_norm(x, x, 1e-5), kernels.add_rms_norm_reference(x, x, 1e-5))
 
 
-def test_unsupported_head_dim_falls_back(fresh_switch, caplog):
+def test_backend_unsupported_head_dim_falls_back(fresh_switch, caplog):
     caplog.set_level(logging.INFO, logger="hrm.attn")
     kernels.set_use_flash(True)
     q, k, v, cos, sin = attn_inputs(D=48, device=DEVICE, dtype=DTYPES[-1])
@@ -709,7 +756,7 @@ def test_unsupported_head_dim_falls_back(fresh_switch, caplog):
     assert any("head_dim 48" in m for m in records(caplog))
 
 
-def test_forced_off(fresh_switch, caplog):
+def test_backend_forced_off(fresh_switch, caplog):
     caplog.set_level(logging.INFO, logger="hrm.attn")
     kernels.set_use_flash(False)
     q, k, v, cos, sin = attn_inputs(device=DEVICE, dtype=DTYPES[-1])
@@ -718,18 +765,27 @@ def test_forced_off(fresh_switch, caplog):
 
 
 @needs_triton
-def test_forced_on_uses_the_kernel(fresh_switch, caplog):
+def test_backend_forced_on_uses_the_kernel_and_names_its_path(fresh_switch, caplog):
+    """The tuned paths where they apply (CUDA tensors on a Hopper GPU), else the reference kernels, saying why;
+    with set_use_hopper(False) the reference kernels everywhere."""
     caplog.set_level(logging.INFO, logger="hrm.attn")
     kernels.set_use_flash(True)
     q, k, v, cos, sin = attn_inputs(device=DEVICE, dtype=DTYPES[-1])
     out = kernels.attention(q.requires_grad_(), k, v, cos, sin)
-    assert "FlashAttention" in type(out.grad_fn).__name__
+    assert type(out.grad_fn).__name__ == ("HopperFlashAttentionBackward" if ON_HOPPER else "FlashAttentionBackward")
     assert rel_err(out, kernels.attention_reference(q, k, v, cos, sin)) < TOL[DTYPES[-1]]
-    msgs = records(caplog)
-    assert len(msgs) == 1 and "triton" in msgs[0] and "forced on" in msgs[0]
+    kernels.set_use_hopper(False)
+    out = kernels.attention(q, k, v, cos, sin)
+    assert type(out.grad_fn).__name__ == "FlashAttentionBackward"
+    why_not = "tuned paths need a Hopper GPU" if hopper is not None else kernels._hopper_missing
+    assert records(caplog) == [
+        "attention: triton flash kernel, tuned Hopper paths (forced on by set_use_flash(True))" if ON_HOPPER else
+        f"attention: triton flash kernel, reference kernels (forced on by set_use_flash(True); {why_not})",
+        "attention: triton flash kernel, reference kernels (forced on by set_use_flash(True); "
+        "tuned paths off by set_use_hopper(False))"]
 
 
-def test_compiled_model_logs_its_choice_once(fresh_switch, caplog):
+def test_backend_compiled_model_logs_its_choice_once(fresh_switch, caplog):
     """Inside torch.compile the choice is logged while the graph is traced, without a graph break
     (fullgraph), also from a function the compiled one calls, as a model's blocks do."""
     caplog.set_level(logging.INFO, logger="hrm.attn")
@@ -746,12 +802,13 @@ def test_compiled_model_logs_its_choice_once(fresh_switch, caplog):
     assert torch.allclose(out, block(q, k, v) + 1)
 
 
-def test_everything_imports_and_runs_without_triton():
+def test_backend_everything_imports_and_runs_without_triton():
     """With triton missing, the model runs on PyTorch, and forcing the kernels says why they are not used."""
     code = (
         "import sys, logging; sys.modules['triton'] = None\n"
         "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
         "import torch, kernels, model, sample\n"
+        "assert kernels.kernels_hopper is None\n"
         "kernels.set_use_flash(True)\n"
         "q = torch.randn(1, 5, 2, 64)\n"
         "assert torch.equal(kernels.attention(q, q, q), kernels.attention_reference(q, q, q))\n"
@@ -762,18 +819,21 @@ def test_everything_imports_and_runs_without_triton():
     assert "hrm.attn: attention: PyTorch SDPA (triton is not installed)" in result.stderr
 
 
-def test_set_use_flash_rejects_other_values():
+def test_backend_switches_reject_other_values():
     with pytest.raises(AssertionError):
         kernels.set_use_flash("yes")
+    with pytest.raises(AssertionError):
+        kernels.set_use_hopper(None)
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or kernels.triton is None, reason="needs CUDA and triton")
-def test_cuda_picks_the_kernel_automatically(fresh_switch, caplog):
+def test_backend_cuda_picks_the_kernel_automatically(fresh_switch, caplog):
     caplog.set_level(logging.INFO, logger="hrm.attn")
     q, k, v, cos, sin = attn_inputs(device="cuda", dtype=torch.bfloat16)
     out = kernels.attention(q.requires_grad_(), k, v, cos, sin)
-    assert "FlashAttention" in type(out.grad_fn).__name__
-    assert any("CUDA tensors" in m for m in records(caplog))
+    assert type(out.grad_fn).__name__ == ("HopperFlashAttentionBackward" if ON_HOPPER else "FlashAttentionBackward")
+    msgs = records(caplog)
+    assert len(msgs) == 1 and "CUDA tensors" in msgs[0] and ("tuned Hopper paths" in msgs[0]) == ON_HOPPER
     assert math.isfinite(rel_err(out, kernels.attention_reference(q, k, v, cos, sin)))
 
 
@@ -1726,6 +1786,8 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bfloat16_training_step_with_each_backend():
+    """The tuned Hopper paths (where the GPU has them), the reference Triton kernels and PyTorch agree on a
+    whole training step: loss, logits, state and every gradient."""
     config = HRMConfig(batch_size=64, seq_len=81, puzzle_emb_ndim=512, num_puzzle_identifiers=3, hidden_size=512,
                        num_heads=8, H_layers=2, L_layers=2, halt_exploration_prob=0.0, forward_dtype="bfloat16")
     torch.manual_seed(0)
@@ -1735,19 +1797,23 @@ def test_cuda_bfloat16_training_step_with_each_backend():
         model.puzzle_emb.weights.normal_(0, 0.02)
     batch = {k: v.cuda() for k, v in random_batch(config).items()}
     results = {}
-    for use_flash in (True, False):
+    for name, use_flash, use_hopper in (("hopper", True, True), ("reference", True, False), ("pytorch", False, True)):
         kernels.set_use_flash(use_flash)
+        kernels.set_use_hopper(use_hopper)
         replica = copy.deepcopy(model).train()
         carry, loss, _, outputs = replica(replica.initial_carry(batch), batch)
         (loss / config.batch_size).backward()
         grads = {n: p.grad.float() for n, p in replica.named_parameters()}
         grads["puzzle_emb.local_weights"] = replica.puzzle_emb.local_weights.grad.float()
-        results[use_flash] = (loss.float(), outputs["logits"].float(), carry.z_H.float(), grads)
+        results[name] = (loss.float(), outputs["logits"].float(), carry.z_H.float(), grads)
     kernels.set_use_flash(None)
-    (loss_t, logits_t, z_t, grads_t), (loss_p, logits_p, z_p, grads_p) = results[True], results[False]
-    errors = {"loss": rel_err(loss_t, loss_p), "logits": rel_err(logits_t, logits_p), "z_H": rel_err(z_t, z_p)}
-    errors.update({f"grad {n}": rel_err(g, grads_p[n]) for n, g in grads_t.items()})
-    print("\n".join(f"{k}: {v:.2e}" for k, v in errors.items()))
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads_t.values())
-    assert errors["loss"] < 1e-2 and errors["logits"] < 3e-2 and errors["z_H"] < 3e-2
-    assert max(v for k, v in errors.items() if k.startswith("grad")) < 1e-1
+    kernels.set_use_hopper(True)
+    loss_p, logits_p, z_p, grads_p = results["pytorch"]
+    for name in ("hopper", "reference"):
+        loss_t, logits_t, z_t, grads_t = results[name]
+        errors = {"loss": rel_err(loss_t, loss_p), "logits": rel_err(logits_t, logits_p), "z_H": rel_err(z_t, z_p)}
+        errors.update({f"grad {n}": rel_err(g, grads_p[n]) for n, g in grads_t.items()})
+        print(f"{name} against pytorch: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads_t.values()), name
+        assert errors["loss"] < 1e-2 and errors["logits"] < 3e-2 and errors["z_H"] < 3e-2, name
+        assert max(v for k, v in errors.items() if k.startswith("grad")) < 1e-1, name
