@@ -27,16 +27,29 @@ import time
 
 import torch
 
+from dataset import DataError, brief_errors
+
+brief_errors('bench.py')  # a bad setting is one line, not a traceback
 # -----------------------------------------------------------------------------
 # config
+_not_config = set(globals())
 device = 'cuda'             # 'cpu' runs everything under Triton's interpreter at tiny shapes (timings meaningless)
-dtype = 'bfloat16'
+dtype = 'bfloat16'          # 'bfloat16' or 'float16'
 step = 'sudoku'             # the whole training step at the 'sudoku' shape, 'maze', 'both' or 'none'
 windows = 5                 # timed windows per backend, the backends taking turns
 steps_per_window = 10
 check = True
 ops = True
-exec(open('configurator.py').read())
+config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+for _key, _ok, _need in (('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"),
+                         ('dtype', dtype in ('bfloat16', 'float16'), "'bfloat16' or 'float16'"),
+                         ('step', step in ('sudoku', 'maze', 'both', 'none'), "'sudoku', 'maze', 'both' or 'none'"),
+                         ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1')):
+    if not _ok:
+        raise DataError(f"{_key}={globals()[_key]!r}: must be {_need}")
+if device == 'cuda' and not torch.cuda.is_available():
+    raise DataError("device='cuda', but torch sees no CUDA GPU; --device=cpu runs a dry run under Triton's interpreter")
 # -----------------------------------------------------------------------------
 
 if device == 'cpu':
