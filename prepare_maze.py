@@ -191,15 +191,18 @@ def render(question, prediction, side, colour=False):
 def evaluate(data, predictions, q_halt, out_dir):
     """train.py's hook after each evaluation: the share of the predictions that are a valid shortest path
     (another shortest path than the label's counts), and where the others fail. Exact accuracy is among
-    train.py's own metrics; other_shortest_path is the part of the valid ones it counts as wrong."""
+    train.py's own metrics; other_shortest_path is the part of the valid ones it counts as wrong, and
+    path_cells_found (the label's path cells predicted 'o') grows long before whole paths come out right."""
     side = math.isqrt(data.meta["seq_len"])
     questions, labels = data.inputs[:len(predictions)], data.labels[:len(predictions)]
     categories = [(maze_problem(q, p, side) or (None,))[0] for q, p in zip(questions, predictions)]
     valid = np.array([c is None for c in categories])
+    on_path = labels == PATH
     return dict(valid_shortest_path=float(valid.mean()),
                 other_shortest_path=float((valid & (predictions != labels).any(1)).mean()),
                 path_connected=float(np.mean([c in (None, "answer path not shortest") for c in categories])),
-                maze_unchanged=float(np.mean([c != "answer changes the maze" for c in categories])))
+                maze_unchanged=float(np.mean([c != "answer changes the maze" for c in categories])),
+                path_cells_found=float((on_path & (predictions == PATH)).sum() / max(on_path.sum(), 1)))
 
 
 # -----------------------------------------------------------------------------
