@@ -7,9 +7,9 @@ $ python prepare_maze.py --source=hf          # the original's Maze-Hard (sapien
 $ python prepare_maze.py --source=local --train_csv=train.csv --test_csv=test.csv --aug=True
 
 A maze is a square grid, row by row: '#' wall, ' ' open, 'S' start, 'G' goal; moves are 4-connected. Its
-answer is the same grid with the cells of the shortest S-to-G path between S and G marked 'o' (S and G stay
-'S' and 'G': the original's build_maze_dataset.py maps question and answer through one character table,
-"# SGo", and trains on every cell of the answer). CSVs have the original's columns source,question,answer,
+answer is the same grid with the cells of a shortest S-to-G path strictly between S and G marked 'o' (S and
+G stay 'S' and 'G': the original's build_maze_dataset.py maps question and answer through one character
+table, "# SGo", and trains on every cell of the answer). CSVs have the original's columns source,question,answer,
 rating (only question and answer are required; spaces in them are open cells, never trimmed). Tokens:
 PAD 0, '#' 1, ' ' 2, 'S' 3, 'G' 4, 'o' 5; seq_len = size * size (900); one puzzle identifier. With
 --aug=True every training maze is stored under the 8 symmetries of the square, a group of 8 puzzles (the
@@ -25,15 +25,16 @@ The generator (the default source) makes mazes like Maze-Hard's, deterministic f
    winding corridors, every room reachable along exactly one route).
 2. Loops and open areas: 5% of the walls left between two rooms are knocked out, which makes alternative
    routes, and 10% of the wall pillars at odd (row, col), which joins corridors into open areas.
-3. S is drawn among the cells far from a random cell, G among the cells more than min_path_length steps
-   from S (110 at 30x30, as Maze-Hard; scaled by area for other sizes: 28 at 15x15).
+3. S is drawn among the cells at least 80% as far from a random cell as the farthest (the ends of long
+   routes), G among the cells more than min_path_length steps from S (110 at 30x30, as Maze-Hard; scaled
+   by area for other sizes: 28 at 15x15).
 4. One shortest path is drawn, and every cell that branches off it onto another shortest path is walled.
    Any other shortest path would have to leave the chosen one at some cell onto such a branch, so the
    shortest path becomes unique, and its length does not change (walls only lengthen other routes). The
    answer is well defined: exact accuracy and path validity agree.
 5. A maze is kept only if it still has an open 2x2 area and a loop around walls (more independent loops
    than open 2x2 areas, each of which is one), else it is drawn again.
-About 3 mazes are drawn per one kept at 30x30; 2,000 take about 10 s.
+About 3 mazes are drawn per one kept at 30x30; 2,000 take under 10 s.
 """
 import csv
 import math
@@ -323,7 +324,7 @@ def perfect_maze(side, rng):
 
 
 def generate_maze(side, min_length, rng):
-    """(question, answer, shortest path length) of one maze, or None if this draw does not qualify."""
+    """(question, answer) token arrays of one maze, or None if this draw does not qualify."""
     is_open = perfect_maze(side, rng)
     row, col = np.indices((side, side))
     is_open |= ((row + col) % 2 == 1) & (rng.random((side, side)) < LOOP_RATE)  # between two rooms: loops
@@ -360,7 +361,7 @@ def generate_maze(side, min_length, rng):
     question[s], question[g] = START, GOAL
     answer = question.copy()
     answer[path[1:-1]] = PATH
-    return question, answer, length
+    return question, answer
 
 
 def generate_mazes(count, side, min_length, rng, show_progress=False, desc="generating"):
