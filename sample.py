@@ -12,9 +12,9 @@ other characters, clues that already conflict, an answer that does not solve it)
 the others are still solved; the exit status is non-zero when none could be.
 
 Maze (the model's size: 30x30 for config/maze.py, 15x15 for config/maze_small.py):
-$ python sample.py --out_dir=out-maze --maze=my_maze.txt     # a grid, one line per row: '#' wall, ' ' open, 'S', 'G'
-$ python sample.py --out_dir=out-maze --maze=test.csv --max_puzzles=20    # the original's CSV: answers are scored
-$ python sample.py --out_dir=out-maze --maze="$(head -1 mazes.txt)"                   # one maze as 900 characters
+$ python sample.py --out_dir=out-maze --maze=my_maze.txt              # a grid, a line per row: '#' wall, ' ' open, S, G
+$ python sample.py --out_dir=out-maze --maze=test.csv --max_puzzles=20  # the original's CSV: answers are scored
+$ python sample.py --out_dir=out-maze --maze="$(head -1 mazes.txt)"     # one maze as a line of 900 characters
 
 A text file may hold several mazes, as grids with blank lines between them or as one line each. Each maze is
 drawn with the predicted path ('o') and 'x' on the cells the model got wrong (walls changed, or a path cell

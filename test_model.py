@@ -1483,7 +1483,8 @@ def loops_and_open_areas(question, side):
                     seen.add(n)
                     stack.append(n)
     edges = (grid[1:] & grid[:-1]).sum() + (grid[:, 1:] & grid[:, :-1]).sum()
-    return int(edges - grid.sum() + components), int((grid[1:, 1:] & grid[1:, :-1] & grid[:-1, 1:] & grid[:-1, :-1]).sum())
+    areas = (grid[1:, 1:] & grid[1:, :-1] & grid[:-1, 1:] & grid[:-1, :-1]).sum()
+    return int(edges - grid.sum() + components), int(areas)
 
 
 def maze_rows(count, side=9, seed=4):
@@ -1491,6 +1492,10 @@ def maze_rows(count, side=9, seed=4):
     questions, answers = pm.generate_mazes(count, side, pm.hard_length(side), np.random.default_rng(seed))
     return [dict(source="generated", question=pm.to_text(q), answer=pm.to_text(a), rating=str((a == pm.PATH).sum() + 1))
             for q, a in zip(questions, answers)]
+
+
+def run_prepare_maze(*args, cwd):
+    return run_prepare(*args, cwd=cwd, script="prepare_maze.py")
 
 
 def as_grid(text, side=9):
@@ -1570,7 +1575,8 @@ def test_aug_stores_the_8_symmetries_of_each_training_maze(tmp_path):
     pm.build_dataset(train, test, str(tmp_path / "ds"), 9, aug=True, log=quiet)
     meta, a = load_split(tmp_path / "ds" / "train")
     assert a["inputs"].shape == (24, 81) and a["group_indices"].tolist() == [0, 8, 16, 24]
-    assert np.array_equal(a["puzzle_indices"], np.arange(25)) and meta["mean_puzzle_examples"] == 1 and meta["build"]["aug"]
+    assert np.array_equal(a["puzzle_indices"], np.arange(25)) and meta["mean_puzzle_examples"] == 1
+    assert meta["build"]["aug"]
     for m in range(3):
         for t in range(8):
             q, label = (x[8 * m + t].reshape(9, 9) for x in (a["inputs"], a["labels"]))
@@ -1672,18 +1678,19 @@ def test_maze_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_p
     write_csv(tmp_path / "train.csv", [rows[0], bad, rows[2]])
     write_csv(tmp_path / "test.csv", rows[3:])
     args = ("--source=local", "--train_csv=train.csv", "--test_csv=test.csv", "--size=9")
-    result = run_prepare(*args, cwd=tmp_path, script="prepare_maze.py")
+    result = run_prepare_maze(*args, cwd=tmp_path)
     assert result.returncode == 1 and result.stderr == f"prepare_maze.py: train.csv line 3: {reason}\n"
     assert not os.path.exists(tmp_path / "data")
-    result = run_prepare(*args, "--skip_bad=True", cwd=tmp_path, script="prepare_maze.py")
+    result = run_prepare_maze(*args, "--skip_bad=True", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "train.csv: 2 mazes" in result.stdout and "skipped 1 x answer changes the maze, e.g. train.csv line 3" in result.stdout
+    assert "train.csv: 2 mazes" in result.stdout
+    assert "skipped 1 x answer changes the maze, e.g. train.csv line 3" in result.stdout
     meta, _ = load_split(tmp_path / "data" / "maze-9x9-hard-2" / "train")
     assert meta["total_groups"] == 2 and meta["build"]["rows_skipped"]["train.csv"] == {"answer changes the maze": 1}
     for args, message in ((["--train_csv=train.csv"], "train_csv and test_csv are read with --source=local"),
                           (["--source=local"], "source='local' needs --train_csv and --test_csv"),
                           (["--size=9", "--min_path_length=60"], "no 9x9 maze qualified in 1,000 draws")):
-        result = run_prepare(*args, cwd=tmp_path, script="prepare_maze.py")
+        result = run_prepare_maze(*args, cwd=tmp_path)
         assert result.returncode == 1 and result.stderr.startswith(f"prepare_maze.py: {message}"), result.stderr
 
 
@@ -1696,7 +1703,7 @@ def test_failed_maze_build_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_command_line_generates_and_round_trips_through_csv(tmp_path):
-    first = run_prepare("--size=9", "--num_train=6", "--num_test=4", "--write_csv=csv", cwd=tmp_path, script="prepare_maze.py")
+    first = run_prepare_maze("--size=9", "--num_train=6", "--num_test=4", "--write_csv=csv", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "generated 6 + 4 9x9 mazes, S to G in more than 10 steps" in first.stdout
     out = tmp_path / "data" / "maze-9x9-gen-6"
@@ -1715,10 +1722,10 @@ def test_command_line_generates_and_round_trips_through_csv(tmp_path):
         assert [r["question"] for r in rows] == [pm.to_text(q) for q in generated[split]["inputs"]]
         assert [r["answer"] for r in rows] == [pm.to_text(a) for a in generated[split]["labels"]]
         assert [int(r["rating"]) for r in rows] == [shortest_paths(q, 9)[0] for q in generated[split]["inputs"]]
-    back = run_prepare("--source=local", "--train_csv=csv/train.csv", "--test_csv=csv/test.csv", "--size=9",
-                       cwd=tmp_path, script="prepare_maze.py")
+    back = run_prepare_maze("--source=local", "--train_csv=csv/train.csv", "--test_csv=csv/test.csv", "--size=9",
+                            cwd=tmp_path)
     assert back.returncode == 0, back.stderr
-    fewer = run_prepare("--size=9", "--num_train=3", "--num_test=4", "--name=fewer", cwd=tmp_path, script="prepare_maze.py")
+    fewer = run_prepare_maze("--size=9", "--num_train=3", "--num_test=4", "--name=fewer", cwd=tmp_path)
     assert fewer.returncode == 0, fewer.stderr
     for split in ("train", "test"):
         _, read_back = load_split(tmp_path / "data" / "maze-9x9-hard-6" / split)
@@ -1752,13 +1759,13 @@ def test_maze_source_hf_end_to_end(tmp_path, serve_directory):
     for split, n in (("train", 5), ("test", 3)):
         write_csv(tmp_path / "hub" / f"{split}.csv", maze_rows(n, seed=n))
     args = ("--source=hf", f"--hf_url={serve_directory(tmp_path / 'hub')}", "--download_dir=dl", "--size=9")
-    result = run_prepare(*args, cwd=tmp_path, script="prepare_maze.py")
+    result = run_prepare_maze(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "dl" / "train.csv").read_bytes() == (tmp_path / "hub" / "train.csv").read_bytes()
     meta, a = load_split(tmp_path / "data" / "maze-9x9-hard-5" / "train")
     assert meta["total_groups"] == 5 and [pm.to_text(q) for q in a["inputs"]] == \
         [r["question"] for r in read_rows(tmp_path / "hub" / "train.csv")]
-    result = run_prepare(*args, cwd=tmp_path, script="prepare_maze.py")  # a second run reuses the files
+    result = run_prepare_maze(*args, cwd=tmp_path)  # a second run reuses the files
     assert result.returncode == 0 and "downloaded before" in result.stdout
 
 
