@@ -79,9 +79,10 @@ class BadRows:
         return [f"skipped {n:,} x {category}, e.g. {self.examples[category]}" for category, n in sorted(self.counts.items())]
 
 
-def read_csv(path, required, optional=(), bad=None):
-    """Rows of a CSV with a header line, as (line number, {column: stripped text}) for the required and
-    optional columns present. A UTF-8 byte-order mark and CRLF line ends are fine; blank lines are skipped.
+def read_csv(path, required, optional=(), bad=None, strip=True):
+    """Rows of a CSV with a header line, as (line number, {column: text}) for the required and optional
+    columns present; the text is stripped of surrounding spaces unless strip is False (where spaces are data:
+    a maze's open cells). A UTF-8 byte-order mark and CRLF line ends are fine; blank lines are skipped.
     Raises DataError('path line N: ...') for a missing file, a header without a required column, malformed
     CSV or text that is not UTF-8; a row with the wrong number of fields goes to `bad` (a BadRows: skipped
     and counted, or an error)."""
@@ -106,7 +107,7 @@ def read_csv(path, required, optional=(), bad=None):
                     bad.add(path, reader.line_num, "wrong number of fields",
                             f"expected {len(header)} fields ({','.join(header)}), got {len(row)}")
                     continue
-                yield reader.line_num, {c: row[i].strip() for c, i in columns.items()}
+                yield reader.line_num, {c: row[i].strip() if strip else row[i] for c, i in columns.items()}
         except csv.Error as e:
             raise DataError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
         except UnicodeDecodeError as e:

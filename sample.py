@@ -10,8 +10,21 @@ $ python sample.py --out_dir=out-sudoku --puzzle=... --show_steps=True --halt_ma
 A Sudoku is 81 characters, row by row, '.' or '0' for a blank. An input that cannot be read (wrong length,
 other characters, clues that already conflict, an answer that does not solve it) gets a one-line error and
 the others are still solved; the exit status is non-zero when none could be.
+
+Maze (the model's size: 30x30 for config/maze.py, 15x15 for config/maze_small.py):
+$ python sample.py --out_dir=out-maze --maze=my_maze.txt              # a grid, a line per row: '#' wall, ' ' open, S, G
+$ python sample.py --out_dir=out-maze --maze=test.csv --max_puzzles=20  # the original's CSV: answers are scored
+$ python sample.py --out_dir=out-maze --maze="$(head -1 mazes.txt)"     # one maze as a line of 900 characters
+
+A text file may hold several mazes, as grids with blank lines between them or as one line each. Each maze is
+drawn with the predicted path ('o') and 'x' on the cells the model got wrong (walls changed, or a path cell
+on no shortest path), in colour on a terminal (not with NO_COLOR set), and said to be a valid shortest path
+or not, and why; with a CSV's answers also whether it is the answer's path. Mazes that cannot be read (size,
+characters, not one S and one G, G out of reach) get a one-line error, as Sudoku puzzles do.
 """
+import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -25,6 +38,7 @@ _not_config = set(globals())
 out_dir = 'out-sudoku'      # holds ckpt.pt from train.py
 puzzle = ''                 # Sudoku: one puzzle
 puzzles = ''                # Sudoku: a text file of puzzles, or a CSV with a 'question' (and 'answer') column
+maze = ''                   # Maze: one maze (size*size characters), a text file of mazes, or a CSV like puzzles
 max_puzzles = 0             # if > 0, solve only the first this-many
 halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with)
 show_steps = False          # print the board after every segment with the Q head's halting probability
@@ -132,7 +146,44 @@ def sudoku(model, forward):
         print(f"exact accuracy against the given answers: {correct}/{scored} = {correct / scored:.4f}")
 
 
-TASKS = {'sudoku': sudoku}  # the dataset's task -> what sample.py does with its model
+def solve_mazes(model, forward):
+    import prepare_maze as pm
+    if not maze:
+        raise DataError("give --maze=<a maze of size*size characters, a text file of mazes, or a CSV>")
+    side = math.isqrt(model.config.seq_len)
+    entries, errors, unread = pm.read_mazes(maze, side)
+    for error in errors:
+        print(f"sample.py: {error}")
+    entries = entries[:max_puzzles] if max_puzzles > 0 else entries
+    if not entries:
+        raise DataError(f"no maze could be read ({unread} had errors)")
+    colour = sys.stdout.isatty() and not os.environ.get('NO_COLOR')
+    valid = scored = correct = 0
+    for start in tqdm(range(0, len(entries), batch_size), desc='solving', disable=quiet or len(entries) <= batch_size):
+        chunk = entries[start:start + batch_size]
+        tokens, q_halt = run(model, forward, np.stack([q for _, q, _ in chunk]))
+        for i, (name, question, answer) in enumerate(chunk):
+            problem = pm.maze_problem(question, tokens[-1, i], side)
+            valid += problem is None
+            matches = answer is not None and np.array_equal(tokens[-1, i], answer)
+            scored, correct = scored + (answer is not None), correct + matches
+            if quiet:
+                continue
+            for step in range(len(tokens) - 1 if show_steps else 0):
+                print(f"\n{name}, after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
+                      f"{pm.render(question, tokens[step, i], side, colour)}")
+            verdict = 'a valid shortest path' if problem is None else f'not a valid shortest path ({problem[1]})'
+            if answer is not None:
+                verdict += ', the answer\'s path' if matches else ', not the answer\'s path'
+            print(f"\n{name}, after {len(tokens)} segments: {verdict}\n"
+                  f"{pm.render(question, tokens[-1, i], side, colour)}")
+    print(f"\n{len(entries)} maze(s) through the model, {valid} solved with a valid shortest path"
+          + (f"; {unread} could not be read" if unread else ''))
+    if scored:
+        print(f"exact accuracy against the given answers: {correct}/{scored} = {correct / scored:.4f}")
+
+
+TASKS = {'sudoku': sudoku, 'maze': solve_mazes}  # the dataset's task -> what sample.py does with its model
 
 if __name__ == '__main__':
     brief_errors('sample.py')  # bad input ends with one line, not a traceback

@@ -1484,6 +1484,430 @@ def test_sigterm_mid_build_leaves_nothing(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# prepare_maze.py
+
+import collections  # noqa: E402
+import types  # noqa: E402
+
+import prepare_maze as pm  # noqa: E402
+
+# A 5x5 maze of corridors around four wall blocks: S to G takes 8 steps along any of six routes.
+LATTICE = ["S    ",
+           " # # ",
+           "     ",
+           " # # ",
+           "    G"]
+LATTICE_ANSWERS = [  # (answer, the category maze_problem gives it)
+    (["Soooo", " # #o", "    o", " # #o", "    G"], None),  # the label: along the top, down the right
+    (["S    ", "o# # ", "o    ", "o# # ", "ooooG"], None),  # another shortest path: down the left, along the bottom
+    (["Soo  ", " #o# ", "  ooo", " # #o", "    G"], None),  # a third, through the middle
+    (["Soooo", " # #o", "  ooo", " #o# ", "  ooG"], "answer path not shortest"),  # a detour
+    (["Soooo", " # #o", "   oo", " # #o", "    G"], "answer path not shortest"),  # an extra cell beside the path
+    (["Soo o", " # #o", "    o", " # #o", "    G"], "answer path not connected"),  # a gap
+    (["So   ", " o # ", " oooo", " # #o", "    G"], "answer changes the maze"),  # through a wall
+    (["Soooo", "   #o", "    o", " # #o", "    G"], "answer changes the maze"),  # a wall removed
+    (["Soooo", " # #o", "S   o", " # #o", "    G"], "answer changes the maze"),  # a second S
+    (None, "answer changes the maze"),  # PAD everywhere
+]
+
+
+def maze_tokens(rows):
+    return pm.to_tokens("".join(rows), len(rows), pm.CHARSET)[0] if rows else np.zeros(len(LATTICE) ** 2, np.uint8)
+
+
+def shortest_paths(question, side):
+    """An oracle apart from prepare_maze's search: (steps from S to G, the number of shortest paths), by a
+    breadth-first search over (row, col) that adds up the paths reaching each cell from the layer before."""
+    grid = np.asarray(question).reshape(side, side)
+    start, goal = (tuple(int(x) for x in np.argwhere(grid == value)[0]) for value in (pm.START, pm.GOAL))
+    steps, paths, queue = {start: 0}, {start: 1}, collections.deque([start])
+    while queue:
+        r, c = queue.popleft()
+        for cell in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            if 0 <= cell[0] < side and 0 <= cell[1] < side and grid[cell] != pm.WALL:
+                if cell not in steps:
+                    steps[cell], paths[cell] = steps[(r, c)] + 1, 0
+                    queue.append(cell)
+                if steps[cell] == steps[(r, c)] + 1:
+                    paths[cell] += paths[(r, c)]
+    return steps.get(goal, -1), paths.get(goal, 0)
+
+
+def loops_and_open_areas(question, side):
+    """(independent loops of the open cells' graph: edges - cells + components, open 2x2 areas)."""
+    grid = np.asarray(question).reshape(side, side) != pm.WALL
+    seen, components = set(), 0
+    for cell in zip(*np.nonzero(grid)):
+        if cell in seen:
+            continue
+        components += 1
+        stack = [cell]
+        seen.add(cell)
+        while stack:
+            r, c = stack.pop()
+            for n in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= n[0] < side and 0 <= n[1] < side and grid[n] and n not in seen:
+                    seen.add(n)
+                    stack.append(n)
+    edges = (grid[1:] & grid[:-1]).sum() + (grid[:, 1:] & grid[:, :-1]).sum()
+    areas = (grid[1:, 1:] & grid[1:, :-1] & grid[:-1, 1:] & grid[:-1, :-1]).sum()
+    return int(edges - grid.sum() + components), int(areas)
+
+
+def maze_rows(count, side=9, seed=4):
+    """Generated mazes as rows of the original's CSV layout."""
+    questions, answers = pm.generate_mazes(count, side, pm.hard_length(side), np.random.default_rng(seed))
+    return [dict(source="generated", question=pm.to_text(q), answer=pm.to_text(a), rating=str((a == pm.PATH).sum() + 1))
+            for q, a in zip(questions, answers)]
+
+
+def run_prepare_maze(*args, cwd):
+    return run_prepare(*args, cwd=cwd, script="prepare_maze.py")
+
+
+def as_grid(text, side=9):
+    return [text[r * side:(r + 1) * side] for r in range(side)]
+
+
+@pytest.mark.parametrize("side, count", [(30, 12), (15, 40)])
+def test_generated_mazes_have_one_long_shortest_path_loops_and_open_areas(side, count):
+    questions, answers = pm.generate_mazes(count, side, pm.hard_length(side), np.random.default_rng(0))
+    assert questions.shape == answers.shape == (count, side * side) and questions.dtype == answers.dtype == np.uint8
+    lengths = []
+    for q, a in zip(questions, answers):
+        assert (q == pm.START).sum() == (q == pm.GOAL).sum() == 1 and not (q == pm.PATH).any()
+        steps, paths = shortest_paths(q, side)
+        assert steps > pm.hard_length(side) and paths == 1
+        # the answer is the maze with the path's inner cells marked, and it is that shortest path
+        assert np.array_equal(np.where(a == pm.PATH, pm.OPEN, a), q) and (a == pm.PATH).sum() == steps - 1
+        assert pm.maze_problem(q, a, side) is None
+        loops, areas = loops_and_open_areas(q, side)
+        assert areas >= 1 and loops > areas  # an open area, and a loop around walls besides
+        lengths.append(steps)
+    assert 0.35 < (questions == pm.WALL).mean() < 0.55 and len(set(lengths)) > 3
+    assert pm.hard_length(30) == 110 and pm.hard_length(15) == 28
+
+
+def test_generator_is_deterministic_and_says_when_nothing_qualifies():
+    a, b, c = (pm.generate_mazes(5, 15, 28, np.random.default_rng([seed, 0])) for seed in (7, 7, 8))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and not np.array_equal(a[0], c[0])
+    assert len({q.tobytes() for q in a[0]}) == 5
+    with pytest.raises(dataset.DataError, match=r"no 9x9 maze qualified in 1,000 draws \(a shortest path longer than 60"):
+        pm.generate_mazes(1, 9, 60, np.random.default_rng(0))
+
+
+def test_the_scorer_on_constructed_answers():
+    question = maze_tokens(LATTICE)
+    assert shortest_paths(question, 5) == (8, 6)
+    for rows, category in LATTICE_ANSWERS:
+        found = pm.maze_problem(question, maze_tokens(rows), 5)
+        assert (found and found[0]) == category, (rows, found)
+    sentences = [pm.maze_problem(question, maze_tokens(LATTICE_ANSWERS[i][0]), 5)[1] for i in (3, 5, 6, 7, 8, 9)]
+    assert sentences == ["answer marks 11 path cells, a shortest path has 7 (S to G in 8 steps)",
+                         "answer's path cells ('o') do not join S to G",
+                         "answer changes the maze at row 2, col 2 ('#' becomes 'o')",
+                         "answer changes the maze at row 2, col 2 ('#' becomes ' ')",
+                         "answer changes the maze at row 3, col 1 (' ' becomes 'S')",
+                         "answer changes the maze at row 1, col 1 ('S' becomes PAD)"]
+    # train.py's hook: the label is the first answer; every prediction is scored against the same maze
+    predictions = np.stack([maze_tokens(rows) for rows, _ in LATTICE_ANSWERS])
+    n = len(predictions)
+    data = types.SimpleNamespace(meta=dict(seq_len=25), inputs=np.repeat(question[None], n + 2, 0),
+                                 labels=np.repeat(predictions[:1], n + 2, 0).astype(np.int32))
+    metrics = pm.evaluate(data, predictions, np.zeros(n, np.float32), out_dir=None)  # fewer than all: the first n
+    # of the label's 7 path cells, the answers in order mark 7, 0, 4, 6, 7, 6, 3, 7, 7 and 0: 47 of 7 * n
+    assert metrics == pytest.approx(dict(valid_shortest_path=3 / n, other_shortest_path=2 / n, path_connected=5 / n,
+                                         maze_unchanged=6 / n, path_cells_found=47 / (7 * n)))
+
+
+def test_render_draws_the_path_beside_the_maze_and_marks_wrong_cells():
+    (q,), (a,) = pm.generate_mazes(1, 9, 10, np.random.default_rng(5))
+    off_path = int(np.flatnonzero((q == pm.OPEN) & (a == pm.OPEN))[0])  # on no shortest path: there is one
+    wall = int(np.flatnonzero(q == pm.WALL)[0])
+    prediction = a.copy()
+    prediction[off_path], prediction[wall] = pm.PATH, pm.OPEN
+    lines = pm.render(q, prediction, 9).split("\n")
+    assert [line[:9] for line in lines] == as_grid(pm.to_text(q)) and {line[9:12] for line in lines} == {"   "}
+    expected = list(pm.to_text(a))
+    expected[off_path] = expected[wall] = "x"
+    assert [line[12:] for line in lines] == as_grid("".join(expected))
+    coloured = pm.render(q, prediction, 9, colour=True)
+    assert "\033[1;31mx\033[0m" in coloured and "\033[32mo\033[0m" in coloured
+    assert re.sub(r"\033\[[0-9;]*m", "", coloured) == "\n".join(lines)
+
+
+def test_aug_stores_the_8_symmetries_of_each_training_maze(tmp_path):
+    train = pm.generate_mazes(3, 9, 10, np.random.default_rng(1))
+    test = pm.generate_mazes(2, 9, 10, np.random.default_rng(2))
+    pm.build_dataset(train, test, str(tmp_path / "ds"), 9, aug=True, log=quiet)
+    meta, a = load_split(tmp_path / "ds" / "train")
+    assert a["inputs"].shape == (24, 81) and a["group_indices"].tolist() == [0, 8, 16, 24]
+    assert np.array_equal(a["puzzle_indices"], np.arange(25)) and meta["mean_puzzle_examples"] == 1
+    assert meta["build"]["aug"]
+    for m in range(3):
+        for t in range(8):
+            q, label = (x[8 * m + t].reshape(9, 9) for x in (a["inputs"], a["labels"]))
+            assert np.array_equal(dataset.inverse_dihedral(q, t).ravel(), train[0][m])
+            assert np.array_equal(dataset.inverse_dihedral(label, t).ravel(), train[1][m])
+            assert pm.maze_problem(q.ravel(), label.ravel(), 9) is None
+            assert shortest_paths(q.ravel(), 9) == shortest_paths(train[0][m], 9)
+        assert len({a["inputs"][8 * m + t].tobytes() for t in range(8)}) == 8
+    meta, b = load_split(tmp_path / "ds" / "test")
+    assert b["inputs"].shape == (2, 81) and not meta["build"]["aug"] and np.array_equal(b["inputs"], test[0])
+
+
+def test_reads_the_original_csv_layout(tmp_path):
+    rows = maze_rows(2)
+    assert rows[0]["question"][0] == " " and rows[0]["question"][-1] == " "  # open cells at both ends: kept
+    path = tmp_path / "maze.csv"
+    text = "source,question,answer,rating\r\n" + "".join(f"{r['source']},{r['question']},{r['answer']},{r['rating']}\r\n"
+                                                     for r in rows)
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\r\n", "\r\n\r\n", 1).encode())
+    questions, answers, lines = pm.read_maze_csv(str(path), 9)
+    assert lines == [3, 4] and questions.dtype == np.uint8
+    assert [pm.to_text(q) for q in questions] == [r["question"] for r in rows]
+    assert [pm.to_text(a) for a in answers] == [r["answer"] for r in rows]
+    assert questions.max() <= pm.GOAL and set(np.unique(answers)) == {pm.WALL, pm.OPEN, pm.START, pm.GOAL, pm.PATH}
+    only_questions = write_csv(tmp_path / "q.csv", [{"question": r["question"]} for r in rows], header=["question"])
+    questions, answers, _ = pm.read_maze_csv(only_questions, 9, need_answers=False)
+    assert len(questions) == 2 and answers is None
+
+
+def corrupt_maze(row, kind):
+    """A copy of a good 9x9 row made bad in one way, and the reason expected in the error."""
+    src, q, a, r = row["source"], row["question"], row["answer"], row["rating"]
+    s, g, wall, step = q.index("S"), q.index("G"), q.index("#"), a.index("o")
+    off_path = next(i for i, (x, y) in enumerate(zip(q, a)) if x == y == " ")
+    put = lambda text, i, ch: text[:i] + ch + text[i + 1:]
+    cell = lambda i: f"row {i // 9 + 1}, col {i % 9 + 1}"
+    if kind == "too few fields":
+        return [src, q, a], "expected 4 fields (source,question,answer,rating), got 3"
+    if kind == "short question":
+        return [src, q[:80], a, r], "question: expected 81 characters (a 9x9 maze; --size sets the side), got 80"
+    if kind == "long answer":
+        return [src, q, a + "#", r], "answer: expected 81 characters (a 9x9 maze; --size sets the side), got 82"
+    if kind == "bad question character":
+        return [src, put(q, wall, "x"), a, r], f"question: character 'x' at {cell(wall)} is not one of '# SG'"
+    if kind == "path in the question":
+        return [src, put(q, step, "o"), a, r], f"question: character 'o' at {cell(step)} is not one of '# SG'"
+    if kind == "bad answer character":
+        return [src, q, put(a, wall, "."), r], f"answer: character '.' at {cell(wall)} is not one of '# SGo'"
+    if kind == "two S":
+        return [src, put(q, off_path, "S"), put(a, off_path, "S"), r], "question has 2 S and 1 G, expected one of each"
+    if kind == "no G":
+        return [src, put(q, g, " "), a, r], "question has 1 S and 0 G, expected one of each"
+    if kind == "G walled in":
+        for i in (g - 9, g + 9, g - 1 if g % 9 else -1, g + 1 if g % 9 < 8 else -1):
+            if 0 <= i < 81:
+                q, a = put(q, i, "#"), put(a, i, "#")
+        return [src, q, a, r], f"question: G at {cell(g)} cannot be reached from S at {cell(s)}"
+    if kind == "answer with a gap":
+        return [src, q, put(a, step, " "), r], "answer's path cells ('o') do not join S to G"
+    if kind == "answer with a spur":
+        k = a.count("o")
+        return [src, q, put(a, off_path, "o"), r], f"answer marks {k + 1} path cells, a shortest path has {k} (S to G"
+    if kind == "answer removes a wall":
+        return [src, q, put(a, wall, " "), r], f"answer changes the maze at {cell(wall)} ('#' becomes ' ')"
+    if kind == "answer moves S":
+        return [src, q, put(a, s, "o"), r], f"answer changes the maze at {cell(s)} ('S' becomes 'o')"
+    raise ValueError(kind)
+
+
+MAZE_BAD_KINDS = ["too few fields", "short question", "long answer", "bad question character", "path in the question",
+                  "bad answer character", "two S", "no G", "G walled in", "answer with a gap", "answer with a spur",
+                  "answer removes a wall", "answer moves S"]
+
+
+@pytest.mark.parametrize("kind", MAZE_BAD_KINDS)
+def test_bad_maze_row_stops_with_file_line_and_reason(tmp_path, kind):
+    rows = maze_rows(5)
+    bad, reason = corrupt_maze(rows[2], kind)
+    path = write_csv(tmp_path / "bad.csv", [rows[0], rows[1], bad, rows[3], rows[4]])  # the bad one on line 4
+    with pytest.raises(dataset.DataError) as e:
+        pm.read_maze_csv(path, 9)
+    assert str(e.value).startswith(f"{path} line 4: {reason}"), str(e.value)
+
+
+def test_skip_bad_counts_every_kind_of_bad_maze(tmp_path):
+    rows = maze_rows(len(MAZE_BAD_KINDS) + 2, seed=6)
+    mixed = [rows[0]] + [corrupt_maze(rows[i + 1], kind)[0] for i, kind in enumerate(MAZE_BAD_KINDS)] + rows[-1:]
+    bad = dataset.BadRows(skip_bad=True)
+    questions, _, lines = pm.read_maze_csv(write_csv(tmp_path / "mixed.csv", mixed), 9, bad)
+    assert len(questions) == 2 and lines == [2, 3 + len(MAZE_BAD_KINDS)]
+    assert bad.counts == {"wrong number of fields": 1, "bad question": 3, "bad answer": 2, "not one S and one G": 2,
+                          "G unreachable": 1, "answer path not connected": 1, "answer path not shortest": 1,
+                          "answer changes the maze": 2}
+
+
+def test_maze_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_path):
+    rows = maze_rows(4)
+    bad, reason = corrupt_maze(rows[1], "answer removes a wall")
+    write_csv(tmp_path / "train.csv", [rows[0], bad, rows[2]])
+    write_csv(tmp_path / "test.csv", rows[3:])
+    args = ("--source=local", "--train_csv=train.csv", "--test_csv=test.csv", "--size=9")
+    result = run_prepare_maze(*args, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == f"prepare_maze.py: train.csv line 3: {reason}\n"
+    assert not os.path.exists(tmp_path / "data")
+    result = run_prepare_maze(*args, "--skip_bad=True", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "train.csv: 2 mazes" in result.stdout
+    assert "skipped 1 x answer changes the maze, e.g. train.csv line 3" in result.stdout
+    meta, _ = load_split(tmp_path / "data" / "maze-9x9-hard-2" / "train")
+    assert meta["total_groups"] == 2 and meta["build"]["rows_skipped"]["train.csv"] == {"answer changes the maze": 1}
+    for args, message in ((["--train_csv=train.csv"], "train_csv and test_csv are read with --source=local"),
+                          (["--source=local"], "source='local' needs --train_csv and --test_csv"),
+                          (["--size=9", "--min_path_length=60"], "no 9x9 maze qualified in 1,000 draws")):
+        result = run_prepare_maze(*args, cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr.startswith(f"prepare_maze.py: {message}"), result.stderr
+
+
+def test_failed_maze_build_leaves_nothing(tmp_path, monkeypatch):
+    fail_on_test_split(monkeypatch)
+    mazes = pm.generate_mazes(4, 9, 10, np.random.default_rng(0))
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        pm.build_dataset(mazes, mazes, str(tmp_path / "data" / "maze"), 9, log=quiet)
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_command_line_generates_and_round_trips_through_csv(tmp_path):
+    first = run_prepare_maze("--size=9", "--num_train=6", "--num_test=4", "--write_csv=csv", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "generated 6 + 4 9x9 mazes, S to G in more than 10 steps" in first.stdout
+    out = tmp_path / "data" / "maze-9x9-gen-6"
+    with open(out / "identifiers.json") as f:
+        assert json.load(f) == ["<blank>"]
+    generated = {}
+    for split, n in (("train", 6), ("test", 4)):
+        meta, generated[split] = load_split(out / split)
+        # the fields of the original's PuzzleDatasetMetadata, with its values for mazes
+        assert {k: meta[k] for k in ("pad_id", "ignore_label_id", "blank_identifier_id", "vocab_size", "seq_len",
+                                     "num_puzzle_identifiers", "total_groups", "mean_puzzle_examples", "sets")} == \
+            dict(pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=6, seq_len=81,
+                 num_puzzle_identifiers=1, total_groups=n, mean_puzzle_examples=1, sets=["all"])
+        assert meta["task"] == "maze" and meta["size"] == 9 and meta["build"]["min_path_length"] == 10
+        rows = read_rows(tmp_path / "csv" / f"{split}.csv")
+        assert [r["question"] for r in rows] == [pm.to_text(q) for q in generated[split]["inputs"]]
+        assert [r["answer"] for r in rows] == [pm.to_text(a) for a in generated[split]["labels"]]
+        assert [int(r["rating"]) for r in rows] == [shortest_paths(q, 9)[0] for q in generated[split]["inputs"]]
+    back = run_prepare_maze("--source=local", "--train_csv=csv/train.csv", "--test_csv=csv/test.csv", "--size=9",
+                            cwd=tmp_path)
+    assert back.returncode == 0, back.stderr
+    fewer = run_prepare_maze("--size=9", "--num_train=3", "--num_test=4", "--name=fewer", cwd=tmp_path)
+    assert fewer.returncode == 0, fewer.stderr
+    for split in ("train", "test"):
+        _, read_back = load_split(tmp_path / "data" / "maze-9x9-hard-6" / split)
+        _, other = load_split(tmp_path / "data" / "fewer" / split)
+        assert np.array_equal(read_back["inputs"], generated[split]["inputs"])
+        assert np.array_equal(read_back["labels"], generated[split]["labels"])
+        # each split draws from its own stream: fewer training mazes leave the test set as it was
+        n = len(other["inputs"])
+        assert np.array_equal(other["inputs"], generated[split]["inputs"][:n])
+
+
+@pytest.fixture
+def serve_directory():
+    """serve(directory) -> the base URL of a local HTTP server over it, stopped after the test."""
+    servers = []
+
+    def serve(directory):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                 functools.partial(QuietHandler, directory=str(directory)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_maze_source_hf_end_to_end(tmp_path, serve_directory):
+    (tmp_path / "hub").mkdir()
+    for split, n in (("train", 5), ("test", 3)):
+        write_csv(tmp_path / "hub" / f"{split}.csv", maze_rows(n, seed=n))
+    args = ("--source=hf", f"--hf_url={serve_directory(tmp_path / 'hub')}", "--download_dir=dl", "--size=9")
+    result = run_prepare_maze(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "dl" / "train.csv").read_bytes() == (tmp_path / "hub" / "train.csv").read_bytes()
+    meta, a = load_split(tmp_path / "data" / "maze-9x9-hard-5" / "train")
+    assert meta["total_groups"] == 5 and [pm.to_text(q) for q in a["inputs"]] == \
+        [r["question"] for r in read_rows(tmp_path / "hub" / "train.csv")]
+    result = run_prepare_maze(*args, cwd=tmp_path)  # a second run reuses the files
+    assert result.returncode == 0 and "downloaded before" in result.stdout
+
+
+def test_read_mazes_for_sample(tmp_path):
+    rows = maze_rows(3)
+    q0, q1, q2 = (r["question"] for r in rows)
+    grid = as_grid(q0)
+    path = tmp_path / "mazes.txt"
+    lines = grid + ["", q1, q2.replace("G", " "), ""] + grid[:8] + [""] + grid[:3] + [grid[3][:8]] + grid[4:]
+    path.write_text("\n".join(lines) + "\n")
+    entries, errors, unread = pm.read_mazes(str(path), 9)
+    assert [(name, pm.to_text(q), answer) for name, q, answer in entries] == \
+        [(f"{path} line 1", q0, None), (f"{path} line 11", q1, None)]
+    shapes = "(a maze is 9 lines of 9 characters, or one line of 81)"
+    assert errors == [f"{path} line 12: question has 1 S and 0 G, expected one of each",
+                      f"{path} line 14: a grid of 8 rows {shapes}", f"{path} line 26: a row of 8 characters {shapes}"]
+    assert unread == 3
+    entries, errors, unread = pm.read_mazes(q1, 9)  # the maze itself
+    assert [name for name, _, _ in entries] == ["--maze"] and errors == [] and unread == 0
+    with pytest.raises(dataset.DataError, match=r"maze='missing.txt': no such file, nor a maze of 81 characters \(11\)"):
+        pm.read_mazes("missing.txt", 9)
+    bad, reason = corrupt_maze(rows[1], "answer with a gap")
+    entries, errors, unread = pm.read_mazes(write_csv(tmp_path / "m.csv", [rows[0], bad, rows[2]]), 9)
+    assert [pm.to_text(answer) for _, _, answer in entries] == [rows[0]["answer"], rows[2]["answer"]]
+    assert errors == [f"skipped 1 x answer path not connected, e.g. {tmp_path / 'm.csv'} line 3: {reason}"] and unread == 1
+
+
+@pytest.fixture(scope="module")
+def maze_checkpoint(tmp_path_factory):
+    """A few training steps with both maze configs (each file's keys are checked as it is applied), overridden
+    to a tiny model on small 9x9 mazes."""
+    root = tmp_path_factory.mktemp("maze")
+    train, test = (pm.generate_mazes(n, 9, 10, np.random.default_rng(seed)) for seed, n in ((0, 40), (1, 12)))
+    pm.build_dataset(train, test, str(root / "data" / "maze-small"), 9, log=quiet)
+    pm.save_csv(str(root / "test.csv"), *test, "generated", 9)
+    run_script("train.py", [os.path.join(HERE, "config", "maze.py"), os.path.join(HERE, "config", "maze_small.py"),
+                            "--dataset=maze-small", f"--out_dir={root / 'out'}", "--global_batch_size=8", "--max_steps=4",
+                            "--eval_interval=4", "--eval_max_examples=8", "--puzzle_emb_ndim=32", "--halt_max_steps=2"]
+               + TINY_MODEL, cwd=root)
+    return root
+
+
+def test_maze_training_reports_path_validity(maze_checkpoint):
+    (log,) = read_eval_log(maze_checkpoint / "out")
+    assert log["step"] == 4 and load_checkpoint(maze_checkpoint / "out")["task"] == "maze"
+    metrics = ("valid_shortest_path", "other_shortest_path", "path_connected", "maze_unchanged", "path_cells_found")
+    assert all(0 <= log[k] <= 1 for k in metrics) and log["valid_shortest_path"] >= log["exact_accuracy"], log
+
+
+def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path):
+    out = str(maze_checkpoint / "out")
+    (q,), _ = pm.generate_mazes(1, 9, 10, np.random.default_rng(9))
+    text = pm.to_text(q)
+    mazes = tmp_path / "mazes.txt"
+    mazes.write_text("\n".join(as_grid(text)) + "\n\n" + text.replace("G", " ") + "\n")
+    result = run_script("sample.py", [f"--out_dir={out}", f"--maze={mazes}", "--show_steps=True", "--halt_max_steps=3"],
+                        cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert f"sample.py: {mazes} line 11: question has 1 S and 0 G, expected one of each" in lines
+    assert sum(line.startswith(f"{mazes} line 1, after segment ") for line in lines) == 2  # beyond training's 2
+    final = next(i for i, line in enumerate(lines) if line.startswith(f"{mazes} line 1, after 3 segments: "))
+    assert [line[:9] for line in lines[final + 1:final + 10]] == as_grid(text)  # the maze, the prediction beside it
+    valid = lines[final].endswith(": a valid shortest path")
+    assert valid or lines[final].startswith(f"{mazes} line 1, after 3 segments: not a valid shortest path (")
+    assert f"1 maze(s) through the model, {int(valid)} solved with a valid shortest path; 1 could not be read" in lines
+    assert "\033[" not in result.stdout  # not a terminal: no colours
+    scored = run_script("sample.py", [f"--out_dir={out}", f"--maze={maze_checkpoint / 'test.csv'}", "--quiet=True"],
+                        cwd=tmp_path)
+    assert "12 maze(s) through the model" in scored.stdout
+    assert re.search(r"^exact accuracy against the given answers: \d+/12 = ", scored.stdout, re.M)
+    one_line_error(run_script("sample.py", [f"--out_dir={out}", "--maze=" + text.replace("S", " ")], cwd=tmp_path,
+                              check=False), "no maze could be read (1 had errors)")
+
+
+# -----------------------------------------------------------------------------
 # configurator.py
 
 def run_configured(args, config_file=None, cwd=None):
