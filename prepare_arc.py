@@ -179,7 +179,7 @@ def to_grid(value, where):
     width = len(value[0])
     for r, row in enumerate(value):
         if len(row) != width:
-            raise DataError(f"{where}: ragged grid: row {r} has {len(row)} cells, row 0 has {width}")
+            raise DataError(f"{where}: ragged grid: row {r} is {len(row)} wide, row 0 {width}")
         for c, cell in enumerate(row):
             if type(cell) is not int or not 0 <= cell <= 9:
                 raise DataError(f"{where}[{r}][{c}] is {cell!r}, not a colour 0-9")
@@ -457,7 +457,8 @@ def build_dataset(training, evaluation, out_path, num_aug=1000, seed=0, show_pro
     log(f"{len(training):,} training and {len(evaluation[1]):,} evaluation tasks: {examples['train']:,} train and "
         f"{examples['test']:,} test examples, {len(identifiers):,} puzzle identifiers, {human_bytes(need)}")
     parent = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(parent, exist_ok=True)
+    while not os.path.isdir(parent):  # the disk it will be on
+        parent = os.path.dirname(parent)
     if shutil.disk_usage(parent).free < need:
         raise DataError(f"{out_path}: the dataset needs {human_bytes(need)}, {parent} has "
                         f"{human_bytes(shutil.disk_usage(parent).free)} free")
