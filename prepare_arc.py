@@ -34,9 +34,11 @@ share it. In train every example of a puzzle but one random one moves to a rando
 from seed and each task's id. The test split runs variant by variant (every task itself, then every task's
 first variant, ...; one puzzle per group), so eval_max_examples=N scores every task, with fewer votes.
 
-Size: ARC-AGI-1 + ConceptARC at num_aug=1000 is 960 tasks, 961k puzzle identifiers (train.py's puzzle
-embedding: 961k x 512 float32 = 2 GB on each GPU), 3.7M train + 0.4M test examples: 7.4 GB on disk. The
-build streams each task's examples to disk (peak memory under 1 GB) and takes a few minutes.
+Size: ARC-AGI-1 + ConceptARC's 160 tasks at num_aug=1000: 877k variants (many tasks use too few colours
+for 1,000 distinct ones), so 877k puzzle identifiers (train.py's puzzle embedding: 877k x 512 float32 =
+1.8 GB on every GPU), 3.6M train and 0.39M test examples, 6.8 GB on disk; ARC-AGI-2 is 1.05M, 4.3M + 0.17M,
+7.6 GB. The build writes task by task into memory-mapped files (about 200 MB of memory besides the page
+cache) and takes one to two minutes.
 
 Evaluation: each test prediction is cropped at its EOS frame, its variant's transform undone (read from
 its identifier's name), identical answers pooled and ranked by count, then by mean halting probability;
@@ -240,6 +242,8 @@ def read_challenges(path, solutions_path='', need_answers=True):
     for file, obj in ((path, found), (solutions_path, answers)):
         if obj is not None and not isinstance(obj, dict):
             raise DataError(f"{file}: expected {{task id: ...}}, got a JSON {type(obj).__name__}")
+    if isinstance(found.get('train'), list):
+        raise DataError(f"{path}: one task in the per-task layout, not {{task id: task}}: give its folder instead")
     if answers is not None and set(answers) - set(found):
         raise DataError(f"{solutions_path}: task {sorted(set(answers) - set(found))[0]} is not in {path}")
     tasks = []
@@ -254,8 +258,9 @@ def read_challenges(path, solutions_path='', need_answers=True):
 def beside(challenges_path):
     """x_challenges.json's solutions x_solutions.json, if it exists, else ''."""
     head, tail = os.path.split(challenges_path)
-    solutions_path = os.path.join(head, tail[::-1].replace('challenges'[::-1], 'solutions'[::-1], 1)[::-1])
-    return solutions_path if 'challenges' in tail and os.path.isfile(solutions_path) else ''
+    before, found, after = tail.rpartition('challenges')
+    solutions_path = os.path.join(head, before + 'solutions' + after)
+    return solutions_path if found and os.path.isfile(solutions_path) else ''
 
 
 def read_set(path, solutions_path='', need_answers=True):
@@ -410,10 +415,11 @@ def write_split(directory, split, puzzles, tasks, plans, first_ids, seed, show_p
     itself, then every task's first variant, ...), one puzzle per group."""
     variants = np.array([len(plans[i][0]) for i, _ in puzzles])
     per_puzzle = np.array([len(pairs) for _, pairs in puzzles])
-    first_puzzle = np.cumsum(variants) - variants  # numbering the puzzles task by task
+    first_puzzle = np.cumsum(variants) - variants
     task_of = np.repeat(np.arange(len(puzzles)), variants)
     variant_of = np.arange(len(task_of)) - np.repeat(first_puzzle, variants)
-    order = np.lexsort((task_of, variant_of)) if split == 'test' else np.arange(len(task_of))  # the split's order
+    # puzzle first_puzzle[k] + v is task k's variant v; the split lays them out in `order`
+    order = np.lexsort((task_of, variant_of)) if split == 'test' else np.arange(len(task_of))
     sizes = per_puzzle[task_of[order]]
     first_row = np.empty(len(order), np.int64)
     first_row[order] = np.cumsum(sizes) - sizes
