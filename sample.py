@@ -38,8 +38,8 @@ puzzles = ''                # Sudoku: a text file of puzzles, or a CSV with a 'q
 max_puzzles = 0             # if > 0, solve only the first this-many
 halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with)
 show_steps = False          # print the board after every segment with the Q head's halting probability
-arc_task = ''                # ARC: a task's JSON file, or the id of a task in the dataset's evaluation set
-dataset = ''                 # ARC: the dataset in data/ the model trained on ('' = the checkpoint's)
+arc_task = ''               # ARC: a task's JSON file, or the id of a task in the dataset's evaluation set
+dataset = ''                # ARC: the dataset in data/ the model trained on ('' = the checkpoint's)
 batch_size = 256
 quiet = False               # with many inputs: print only errors and the score
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
