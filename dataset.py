@@ -195,8 +195,9 @@ def remove_stale_temp_files(directory):
 
 
 def write_dataset(path, splits, identifiers):
-    """Write a dataset: splits maps 'train'/'test' to (arrays, metadata), or any other files to bytes
-    producers (name -> function(directory)). Built in a temporary directory beside path and renamed into
+    """Write a dataset: splits maps each split ('train', 'test') to (arrays, metadata), or to a function that
+    writes the split's files into the directory it is given (for splits too large to hold in memory; the
+    same files: the five arrays and dataset.json). Built in a temporary directory beside path and renamed into
     place only when complete; an existing dataset at path is replaced only then, and on any error or
     interrupt nothing of the new build stays behind. Returns the number of bytes written."""
     parent, name = os.path.split(os.path.abspath(path))
@@ -205,8 +206,12 @@ def write_dataset(path, splits, identifiers):
     tmp, old = os.path.join(parent, f".{name}.tmp-{os.getpid()}"), os.path.join(parent, f".{name}.old-{os.getpid()}")
     os.makedirs(tmp)
     try:
-        for split, (arrays, meta) in splits.items():
+        for split, value in splits.items():
             os.makedirs(os.path.join(tmp, split))
+            if callable(value):
+                value(os.path.join(tmp, split))
+                continue
+            arrays, meta = value
             for key in ARRAYS:
                 np.save(os.path.join(tmp, split, f"all__{key}.npy"), arrays[key])
             with open(os.path.join(tmp, split, "dataset.json"), "w") as f:

