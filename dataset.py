@@ -269,9 +269,9 @@ def read_json(path):
         raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_array(path):
+def load_array(path, mmap=False):
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (ValueError, EOFError, OSError) as e:
@@ -279,9 +279,10 @@ def load_array(path):
 
 
 class PuzzleData:
-    """One split: examples (inputs, labels), puzzles (consecutive runs of examples, each with a puzzle
-    identifier) and groups (consecutive runs of puzzles: an original puzzle and its augmentations).
-    Every file is checked as it is read; a problem is a DataError naming the file."""
+    """One split: examples (inputs, labels: the files' tokens), puzzles (consecutive runs of examples, each
+    with a puzzle identifier) and groups (consecutive runs of puzzles: an original puzzle and its
+    augmentations). Every file is checked as it is read; a problem is a DataError naming the file. Inputs and
+    labels stay on disk, memory-mapped (ARC's are gigabytes), and batches read the rows they need."""
 
     def __init__(self, path):
         meta_path = os.path.join(path, "dataset.json")
@@ -294,7 +295,8 @@ class PuzzleData:
         parts = {k: [] for k in ARRAYS}
         examples = puzzles = 0
         for set_name in self.meta["sets"]:  # several sets are laid end to end, their offsets shifted
-            arrays = {k: load_array(os.path.join(path, f"{set_name}__{k}.npy")) for k in ARRAYS}
+            arrays = {k: load_array(os.path.join(path, f"{set_name}__{k}.npy"), mmap=k in ("inputs", "labels"))
+                      for k in ARRAYS}
             self._check(set_name, arrays)
             parts["inputs"].append(arrays["inputs"])
             parts["labels"].append(arrays["labels"])
@@ -303,13 +305,10 @@ class PuzzleData:
             parts["group_indices"].append(arrays["group_indices"][:-1] + puzzles)
             examples += len(arrays["inputs"])
             puzzles += len(arrays["puzzle_identifiers"])
-        parts["puzzle_indices"].append(np.array([examples]))
-        parts["group_indices"].append(np.array([puzzles]))
-        for k, v in parts.items():
-            setattr(self, k, np.concatenate(v))
-        self.labels = self.labels.astype(np.int32)
-        if self.meta.get("ignore_label_id") is not None:
-            self.labels[self.labels == self.meta["ignore_label_id"]] = IGNORE_LABEL_ID
+        parts["puzzle_indices"] = [np.concatenate(parts["puzzle_indices"] + [[examples]])]
+        parts["group_indices"] = [np.concatenate(parts["group_indices"] + [[puzzles]])]
+        for k, v in parts.items():  # one set (every dataset written here) stays memory-mapped
+            setattr(self, k, v[0] if len(v) == 1 else np.concatenate(v))
         self.num_examples, self.num_groups = len(self.inputs), len(self.group_indices) - 1
 
     def _check(self, set_name, arrays):
@@ -338,7 +337,10 @@ class PuzzleData:
         """Arrays for the examples `rows` of puzzles `puzzles`, padded to pad_to sequences that score nothing."""
         pad = pad_to - len(rows)
         inputs = np.pad(self.inputs[rows].astype(np.int32), ((0, pad), (0, 0)), constant_values=self.meta["pad_id"])
-        labels = np.pad(self.labels[rows], ((0, pad), (0, 0)), constant_values=IGNORE_LABEL_ID)
+        labels = self.labels[rows].astype(np.int32)
+        if self.meta.get("ignore_label_id") is not None:
+            labels[labels == self.meta["ignore_label_id"]] = IGNORE_LABEL_ID
+        labels = np.pad(labels, ((0, pad), (0, 0)), constant_values=IGNORE_LABEL_ID)
         ids = np.pad(self.puzzle_identifiers[puzzles].astype(np.int32), (0, pad),
                      constant_values=self.meta["blank_identifier_id"])
         return dict(inputs=inputs, labels=labels, puzzle_identifiers=ids)

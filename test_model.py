@@ -2297,7 +2297,7 @@ def test_arc_unsolved_evaluation_set_is_submitted_not_scored(tmp_path):
                log=messages.append)
     assert any("11 test input(s) without a solution: not scored (submission.json only)" in m for m in messages)
     data = dataset.PuzzleData(str(tmp_path / "data" / "hidden" / "test"))
-    assert (data.labels == dataset.IGNORE_LABEL_ID).all()
+    assert (data.labels == 0).all()  # PAD everywhere: nothing to score
     metrics = pa.evaluate(data, data.inputs, np.zeros(data.num_examples), str(tmp_path))
     assert metrics["tasks_scored"] == 0 and metrics["pass@2"] == 0
     with open(tmp_path / "submission.json") as f:
