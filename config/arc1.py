@@ -5,7 +5,7 @@
 # The model and Adam-atan2 are train.py's defaults (hidden 512, 4 + 4 layers, up to 16 ACT segments, lr 1e-4
 # after 2,000 warmup steps); ARC trains the puzzle embedding 100x faster, both with weight decay 0.1. That
 # embedding has a 512-wide row per variant: 877k x 512 float32 = 1.8 GB on every GPU (fine on a datacenter GPU).
-# Each process holds the training split in memory (labels as int32): about 16 GB, 130 GB for 8 processes.
+# train.py memory-maps the dataset: its processes share the 6.8 GB of files through the page cache.
 # An epoch, as in the original, is one variant of every task: 100,000 epochs x 960 tasks x 4.15 examples per
 # puzzle / 768 = 518k steps. Each evaluation runs the 386k test examples 16 segments each and writes
 # out-arc1/submission.json; pass@2 is the paper's figure (40.3%). --eval_max_examples=38600 evaluates 10x
