@@ -208,7 +208,11 @@ class HRMConfig:
     loss_type: str = "stablemax"    # 'stablemax' or 'softmax'
 
     def __post_init__(self):
-        check_ranges(self, [
+        check_ranges(self, self.rules())
+
+    def rules(self):
+        """(field, ok, what it must be) for every field."""
+        return [
             ("vocab_size", self.vocab_size >= 1, ">= 1"), ("seq_len", self.seq_len >= 1, ">= 1"),
             ("puzzle_emb_ndim", self.puzzle_emb_ndim >= 0, ">= 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
             ("num_puzzle_identifiers", self.num_puzzle_identifiers >= 1, ">= 1"),
@@ -220,7 +224,7 @@ class HRMConfig:
             ("halt_max_steps", self.halt_max_steps >= 1, ">= 1"),
             ("halt_exploration_prob", 0 <= self.halt_exploration_prob <= 1, "in [0, 1]"),
             ("forward_dtype", self.forward_dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
-            ("loss_type", self.loss_type in LOSSES, f"one of {sorted(LOSSES)}")])
+            ("loss_type", self.loss_type in LOSSES, f"one of {sorted(LOSSES)}")]
 
 
 def check_ranges(values, rules):
@@ -263,16 +267,8 @@ class HRM(nn.Module):
         C = config.hidden_size
         # token embeddings are initialised at std 1/sqrt(C) and scaled back up by sqrt(C) in use
         self.embed_scale = math.sqrt(C)
-        self.embed_tokens = CastedEmbedding(config.vocab_size, C, 1 / self.embed_scale, self.forward_dtype)
-        self.lm_head = CastedLinear(C, config.vocab_size, bias=False)
+        max_positions = self.build_input_output()
         self.q_head = CastedLinear(C, 2, bias=True)  # (halt, continue) logits, read at the first position
-
-        # the puzzle embedding is prepended as ceil(puzzle_emb_ndim / C) extra tokens, zero-padded
-        self.puzzle_emb_len = -(config.puzzle_emb_ndim // -C)
-        if config.puzzle_emb_ndim > 0:
-            self.puzzle_emb = PuzzleEmbedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim,
-                                              config.batch_size, self.forward_dtype)
-        max_positions = config.seq_len + self.puzzle_emb_len
         if config.pos_encodings == "rope":
             self.rotary_emb = RotaryEmbedding(C // config.num_heads, max_positions, config.rope_theta)
         else:
@@ -288,6 +284,19 @@ class HRM(nn.Module):
         with torch.no_grad():
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(-5)
+
+    def build_input_output(self):
+        """The token and puzzle embeddings and lm_head (a Forecaster builds its own ends here instead).
+        Returns the number of positions a sequence can have."""
+        config, C = self.config, self.config.hidden_size
+        self.embed_tokens = CastedEmbedding(config.vocab_size, C, 1 / self.embed_scale, self.forward_dtype)
+        self.lm_head = CastedLinear(C, config.vocab_size, bias=False)
+        # the puzzle embedding is prepended as ceil(puzzle_emb_ndim / C) extra tokens, zero-padded
+        self.puzzle_emb_len = -(config.puzzle_emb_ndim // -C)
+        if config.puzzle_emb_ndim > 0:
+            self.puzzle_emb = PuzzleEmbedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim,
+                                              config.batch_size, self.forward_dtype)
+        return config.seq_len + self.puzzle_emb_len
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -307,16 +316,23 @@ class HRM(nn.Module):
         return self.embed_scale * x
 
     def reason(self, z_H, z_L, data):
-        """One segment of the H/L recurrence from state (z_H, z_L) on `data`.
-        Returns the new state (detached), the token logits and the Q (halt, continue) logits."""
-        config = self.config
+        """One segment of the H/L recurrence from state (z_H, z_L) on `data`. Returns the new state
+        (detached) and the outputs: the token logits and the Q (halt, continue) logits."""
         T = data["inputs"].shape[1] + self.puzzle_emb_len
         position_ids = data.get("position_ids", torch.arange(T, device=z_H.device))
-        cos_sin = self.rotary_emb(position_ids) if config.pos_encodings == "rope" else None
+        cos_sin = self.rotary_emb(position_ids) if self.config.pos_encodings == "rope" else None
         x = self.embed_inputs(data["inputs"], data["puzzle_identifiers"], position_ids)
+        z_H, z_L = self.recur(z_H, z_L, x, cos_sin)
+        logits = self.lm_head(z_H)[:, self.puzzle_emb_len:]
+        q_logits = self.q_head(z_H[:, 0]).float()
+        return z_H.detach(), z_L.detach(), dict(logits=logits, q_halt_logits=q_logits[..., 0],
+                                                q_continue_logits=q_logits[..., 1])
 
-        # H_cycles x L_cycles steps of L, an H step after every L_cycles of them; all but the final L step
-        # and the final H step run without gradient (the 1-step gradient approximation)
+    def recur(self, z_H, z_L, x, cos_sin):
+        """The H/L core: H_cycles x L_cycles steps of L, an H step after every L_cycles of them, the input x
+        injected into L at every step. All but the final L step and the final H step run without gradient
+        (the 1-step gradient approximation). Returns the new (z_H, z_L)."""
+        config = self.config
         with torch.no_grad():
             for h_step in range(config.H_cycles):
                 for l_step in range(config.L_cycles):
@@ -325,18 +341,18 @@ class HRM(nn.Module):
                 if h_step < config.H_cycles - 1:
                     z_H = self.H_level(z_H, z_L, cos_sin)
         z_L = self.L_level(z_L, z_H + x, cos_sin)
-        z_H = self.H_level(z_H, z_L, cos_sin)
-
-        logits = self.lm_head(z_H)[:, self.puzzle_emb_len:]
-        q_logits = self.q_head(z_H[:, 0]).float()
-        return z_H.detach(), z_L.detach(), logits, q_logits[..., 0], q_logits[..., 1]
+        return self.H_level(z_H, z_L, cos_sin), z_L
 
     # --- ACT: a segment for every sequence, halting, the Q target
+
+    def num_tokens(self, batch):
+        """The length of the state (z_H, z_L) for the batch's sequences."""
+        return batch["inputs"].shape[1] + self.puzzle_emb_len
 
     def initial_carry(self, batch):
         """A carry in which every sequence has halted, so the first segment takes its data from the batch."""
         inputs = batch["inputs"]
-        B, T = inputs.shape[0], inputs.shape[1] + self.puzzle_emb_len
+        B, T = inputs.shape[0], self.num_tokens(batch)
         z = torch.zeros(B, T, self.config.hidden_size, dtype=self.forward_dtype, device=inputs.device)
         return Carry(z_H=z, z_L=z.clone(),
                      steps=torch.zeros(B, dtype=torch.int32, device=inputs.device),
@@ -358,8 +374,8 @@ class HRM(nn.Module):
         data = {k: torch.where(halted.view((-1,) + (1,) * (v.ndim - 1)), batch[k], v)
                 for k, v in carry.current_data.items()}
 
-        z_H, z_L, logits, q_halt_logits, q_continue_logits = self.reason(z_H, z_L, data)
-        outputs = dict(logits=logits, q_halt_logits=q_halt_logits, q_continue_logits=q_continue_logits)
+        z_H, z_L, outputs = self.reason(z_H, z_L, data)
+        q_halt_logits, q_continue_logits = outputs["q_halt_logits"], outputs["q_continue_logits"]
 
         with torch.no_grad():
             steps = steps + 1
@@ -374,7 +390,8 @@ class HRM(nn.Module):
                 halted = halted & (steps >= min_halt_steps)
                 # Q-continue's target is the value of the next segment, bootstrapped from a second pass (no
                 # replay buffer or target network: a large batch is many parallel environments, as in PQN)
-                _, _, _, next_q_halt, next_q_continue = self.reason(z_H, z_L, data)
+                _, _, following = self.reason(z_H, z_L, data)
+                next_q_halt, next_q_continue = following["q_halt_logits"], following["q_continue_logits"]
                 outputs["target_q_continue"] = torch.sigmoid(
                     torch.where(is_last_step, next_q_halt, torch.maximum(next_q_halt, next_q_continue)))
 
@@ -383,6 +400,20 @@ class HRM(nn.Module):
             return carry, None, {}, outputs
         loss, metrics = self.act_loss(carry, outputs)
         return carry, loss, metrics, outputs
+
+    @torch.no_grad()
+    def run_to_halt(self, forward, batch):
+        """Segments from a fresh carry until every sequence halted (in evaluation, halt_max_steps of them).
+        forward: this model, or its compiled version. Returns the last segment's metrics and outputs."""
+        carry = self.initial_carry(batch)
+        while True:
+            carry, _, metrics, outputs = forward(carry, batch)
+            if carry.halted.all():
+                return metrics, outputs
+
+    def predictions(self, outputs):
+        """What a task's evaluate reads: the predicted tokens (B, seq_len), uint8."""
+        return outputs["logits"].argmax(-1).to(torch.uint8)
 
     # --- the loss
 
@@ -408,15 +439,22 @@ class HRM(nn.Module):
             )
 
         lm_loss = (LOSSES[self.config.loss_type](logits, labels) / loss_divisor).sum()
-        q_halt_loss = F.binary_cross_entropy_with_logits(q_halt_logits, seq_is_correct.to(q_halt_logits.dtype),
+        metrics["lm_loss"] = lm_loss.detach()
+        return lm_loss + self.q_loss(outputs, seq_is_correct, metrics), metrics
+
+    def q_loss(self, outputs, halt_target, metrics):
+        """0.5 x the two Q losses, sums over the batch: Q-halt against halt_target (B,) (the answer is right),
+        Q-continue against the bootstrapped target (training only). Each is also put in metrics."""
+        q_halt_logits = outputs["q_halt_logits"]
+        q_halt_loss = F.binary_cross_entropy_with_logits(q_halt_logits, halt_target.to(q_halt_logits.dtype),
                                                          reduction="sum")
-        metrics.update(lm_loss=lm_loss.detach(), q_halt_loss=q_halt_loss.detach())
+        metrics["q_halt_loss"] = q_halt_loss.detach()
         q_continue_loss = 0
         if "target_q_continue" in outputs:
             q_continue_loss = F.binary_cross_entropy_with_logits(outputs["q_continue_logits"],
                                                                  outputs["target_q_continue"], reduction="sum")
             metrics["q_continue_loss"] = q_continue_loss.detach()
-        return lm_loss + 0.5 * (q_halt_loss + q_continue_loss), metrics
+        return 0.5 * (q_halt_loss + q_continue_loss)
 
     # --- optimizers
 
