@@ -548,35 +548,25 @@ class Windows:
         return self.series.batch(self.starts[rows], self.input_len, self.horizon, pad_to)
 
 
-class WindowBatches:
-    """An endless stream of training batches from Windows, with TrainBatches' interface: each epoch visits
-    every window once in a random order drawn from (seed, epoch), epochs follow each other without a gap,
-    every process builds the same global batch and keeps its slice, and (epoch, position) is all the state."""
+class WindowBatches(TrainBatches):
+    """TrainBatches over Windows (the same interface, state and slicing): each epoch visits every window once,
+    in a random order drawn from (seed, epoch); epochs follow each other without a gap."""
 
-    def __init__(self, windows, global_batch_size, rank, world_size, seed):
-        self.windows, self.global_batch_size, self.seed = windows, global_batch_size, seed
-        self.local = slice(rank * global_batch_size // world_size, (rank + 1) * global_batch_size // world_size)
-        self.epoch, self.position, self.order = 0, 0, None
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, position=self.position)
-
-    def load_state_dict(self, state):
-        self.epoch, self.position, self.order = state["epoch"], state["position"], None
+    def _plan(self):
+        if self.plan is None or self.plan[0] != self.epoch:
+            self.plan = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.data.num_examples))
+        return self.plan[1]
 
     def __next__(self):
         rows, need = [], self.global_batch_size
         while need > 0:
-            if self.order is None or self.order[0] != self.epoch:
-                rng = np.random.default_rng([self.seed, self.epoch])
-                self.order = (self.epoch, rng.permutation(self.windows.num_examples))
-            taken = self.order[1][self.position:self.position + need]
+            taken = self._plan()[self.position:self.position + need]
             rows.append(taken)
             need, self.position = need - len(taken), self.position + len(taken)
-            if self.position == self.windows.num_examples:
+            if self.position == self.data.num_examples:
                 self.epoch, self.position = self.epoch + 1, 0
         rows = np.concatenate(rows)[self.local]
-        return self.windows.batch(rows, pad_to=len(rows))
+        return self.data.batch(rows, pad_to=len(rows))
 
 
 def window_batches(windows, num_examples, global_batch_size, rank, world_size):
