@@ -194,30 +194,32 @@ def remove_stale_temp_files(directory):
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
-def write_dataset(path, splits, identifiers):
-    """Write a dataset: splits maps each split ('train', 'test') to (arrays, metadata), or to a function that
-    writes the split's files into the directory it is given (for splits too large to hold in memory; the
-    same files: the five arrays and dataset.json). Built in a temporary directory beside path and renamed into
-    place only when complete; an existing dataset at path is replaced only then, and on any error or
-    interrupt nothing of the new build stays behind. Returns the number of bytes written."""
+def write_dataset(path, entries, identifiers):
+    """Write a dataset: entries maps each split ('train', 'test') to (arrays, metadata), or any entry to a
+    function that writes it at the path it is given (a split too large to hold in memory, which makes that
+    directory and writes its five arrays and dataset.json; a time series' files); identifiers goes to
+    identifiers.json (None: no such file). Built in a temporary directory beside path and renamed into place
+    only when complete; an existing dataset at path is replaced only then, and on any error or interrupt
+    nothing of the new build stays behind. Returns the number of bytes written."""
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     remove_stale_temp_files(parent)
     tmp, old = os.path.join(parent, f".{name}.tmp-{os.getpid()}"), os.path.join(parent, f".{name}.old-{os.getpid()}")
     os.makedirs(tmp)
     try:
-        for split, value in splits.items():
-            os.makedirs(os.path.join(tmp, split))
-            if callable(value):
-                value(os.path.join(tmp, split))
+        for entry, contents in entries.items():
+            if callable(contents):
+                contents(os.path.join(tmp, entry))
                 continue
-            arrays, meta = value
+            arrays, meta = contents
+            os.makedirs(os.path.join(tmp, entry))
             for key in ARRAYS:
-                np.save(os.path.join(tmp, split, f"all__{key}.npy"), arrays[key])
-            with open(os.path.join(tmp, split, "dataset.json"), "w") as f:
+                np.save(os.path.join(tmp, entry, f"all__{key}.npy"), arrays[key])
+            with open(os.path.join(tmp, entry, "dataset.json"), "w") as f:
                 json.dump(meta, f, indent=2)
-        with open(os.path.join(tmp, "identifiers.json"), "w") as f:
-            json.dump(identifiers, f)
+        if identifiers is not None:
+            with open(os.path.join(tmp, "identifiers.json"), "w") as f:
+                json.dump(identifiers, f)
         size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(tmp) for f in files)
         replace_directory(tmp, path, old)
     except BaseException:
@@ -456,3 +458,124 @@ def download(url, dest, show_progress=True, timeout=60):
             raise DataError(f"could not download {url} ({reason}): offline? Fetch the file by hand and pass "
                             f"its path instead") from None
         raise
+
+
+# -----------------------------------------------------------------------------
+# time series
+#
+# A prepared series (prepare_timeseries.py writes it) is one directory data/<name>/ holding
+#
+#     dataset.json     task "timeseries", columns, the training part's mean and std of each column, borders
+#                      (the rows where train, val and test end), the time step, the build options
+#     values.npy       (rows, features) float32: the series normalised, (value - mean) / std
+#     calendar.npy     (rows, 5) float32: hour, day of week, day of month, day of year, month, in [-0.5, 0.5]
+#     timestamps.npy   (rows,) datetime64[s]
+#
+# A window is input_len rows of history followed directly by the horizon rows to forecast, cut from these
+# arrays as it is needed (no window is stored). It belongs to the part whose rows hold all its targets; its
+# history may reach back into the part before, as the standard ETT loaders do: with input_len 96 the first
+# validation window reads rows 8544-8639 of the training part and forecasts rows 8640-8735.
+
+SERIES_FILES = ("values", "calendar", "timestamps")
+SPLITS = ("train", "val", "test")
+CALENDAR = ("hour", "day_of_week", "day_of_month", "day_of_year", "month")
+
+
+def write_series(path, arrays, meta):
+    """Write a prepared series atomically, as write_dataset writes a dataset. Returns the bytes written."""
+    def write_json(file):
+        with open(file, "w") as f:
+            json.dump(meta, f, indent=2)
+    files = {f"{k}.npy": (lambda file, a=arrays[k]: np.save(file, a)) for k in SERIES_FILES}
+    return write_dataset(path, dict(files, **{"dataset.json": write_json}), identifiers=None)
+
+
+class SeriesData:
+    """A prepared series, every file checked as it is read (a problem is a DataError naming the file)."""
+
+    def __init__(self, path):
+        meta_path = os.path.join(path, "dataset.json")
+        if not os.path.isfile(meta_path):
+            raise DataError(f"no time series at {path} (no dataset.json): build one with prepare_timeseries.py")
+        self.path, self.meta = path, read_json(meta_path)
+        for key in ("columns", "mean", "std", "borders"):
+            if not isinstance(self.meta.get(key), list):
+                raise DataError(f"{meta_path}: {key} is {self.meta.get(key)!r}, expected a list")
+        self.columns, self.borders = self.meta["columns"], self.meta["borders"]
+        self.mean, self.std = np.array(self.meta["mean"], np.float64), np.array(self.meta["std"], np.float64)
+        self.values, self.calendar, self.timestamps = (load_array(os.path.join(path, f"{k}.npy")) for k in SERIES_FILES)
+        rows, self.num_features = len(self.values), len(self.columns)
+        problems = [
+            (self.values.shape == (rows, self.num_features) and self.values.dtype == np.float32,
+             f"values.npy is {self.values.dtype} {self.values.shape}, expected float32 (rows, {self.num_features})"),
+            (self.calendar.shape == (rows, len(CALENDAR)),
+             f"calendar.npy has shape {self.calendar.shape}, expected ({rows}, {len(CALENDAR)})"),
+            (self.timestamps.shape == (rows,), f"timestamps.npy has shape {self.timestamps.shape}, expected ({rows},)"),
+            (len(self.mean) == len(self.std) == self.num_features, "dataset.json: mean and std need one per column"),
+            (len(self.borders) == 3 and 0 < self.borders[0] < self.borders[1] < self.borders[2] <= rows,
+             f"dataset.json: borders {self.borders} are not 0 < train end < val end < test end <= {rows} rows")]
+        for ok, message in problems:
+            if not ok:
+                raise DataError(os.path.join(path, message))
+
+    def window_starts(self, split, input_len, horizon):
+        """The first rows of the split's windows, in order (stride 1)."""
+        end = self.borders[SPLITS.index(split)]
+        begin = (0, *self.borders)[SPLITS.index(split)]
+        first, last = max(begin - input_len, 0), end - input_len - horizon
+        if last < first:
+            raise DataError(f"{self.path}: the {split} part (rows {begin:,} to {end:,}) is too short for one window of "
+                            f"input_len={input_len} + horizon={horizon}")
+        return np.arange(first, last + 1)
+
+    def batch(self, starts, input_len, horizon, pad_to):
+        """The windows starting at rows `starts`, padded to pad_to windows that valid marks as padding:
+        inputs (B, input_len, features) and labels (B, horizon, features), their calendar features
+        input_marks and target_marks (the future's calendar is known)."""
+        history = starts[:, None] + np.arange(input_len)
+        future = starts[:, None] + input_len + np.arange(horizon)
+        pad = lambda a: np.pad(a, [(0, pad_to - len(starts))] + [(0, 0)] * (a.ndim - 1))
+        return dict(inputs=pad(self.values[history]), input_marks=pad(self.calendar[history]),
+                    labels=pad(self.values[future]), target_marks=pad(self.calendar[future]),
+                    valid=pad(np.ones(len(starts), bool)))
+
+
+class Windows:
+    """The windows of one part of a series (train, val or test), in order."""
+
+    def __init__(self, series, split, input_len, horizon):
+        self.series, self.split, self.input_len, self.horizon = series, split, input_len, horizon
+        self.starts = series.window_starts(split, input_len, horizon)
+        self.num_examples = len(self.starts)
+
+    def batch(self, rows, pad_to):
+        return self.series.batch(self.starts[rows], self.input_len, self.horizon, pad_to)
+
+
+class WindowBatches(TrainBatches):
+    """TrainBatches over Windows (the same interface, state and slicing): each epoch visits every window once,
+    in a random order drawn from (seed, epoch); epochs follow each other without a gap."""
+
+    def _plan(self):
+        if self.plan is None or self.plan[0] != self.epoch:
+            self.plan = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.data.num_examples))
+        return self.plan[1]
+
+    def __next__(self):
+        rows, need = [], self.global_batch_size
+        while need > 0:
+            taken = self._plan()[self.position:self.position + need]
+            rows.append(taken)
+            need, self.position = need - len(taken), self.position + len(taken)
+            if self.position == self.data.num_examples:
+                self.epoch, self.position = self.epoch + 1, 0
+        rows = np.concatenate(rows)[self.local]
+        return self.data.batch(rows, pad_to=len(rows))
+
+
+def window_batches(windows, num_examples, global_batch_size, rank, world_size):
+    """The first num_examples windows in order, in global batches, as test_batches serves a split."""
+    local = global_batch_size // world_size
+    for start in range(0, num_examples, global_batch_size):
+        rows = np.arange(start + rank * local, min(start + (rank + 1) * local, num_examples))
+        yield windows.batch(rows, pad_to=local)

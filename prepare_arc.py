@@ -413,6 +413,7 @@ def write_split(directory, split, puzzles, tasks, plans, first_ids, seed, show_p
     """Write one split into directory task by task, into memory-mapped arrays. puzzles: (task index, pairs)
     of the split. In train each task's variants are a group; test runs variant by variant (every task
     itself, then every task's first variant, ...), one puzzle per group."""
+    os.makedirs(directory)
     variants = np.array([len(plans[i][0]) for i, _ in puzzles])
     per_puzzle = np.array([len(pairs) for _, pairs in puzzles])
     first_puzzle = np.cumsum(variants) - variants

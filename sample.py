@@ -30,6 +30,14 @@ Shows the task's demonstrations, then each test input with the model's two attem
 task's variants in the dataset the model trained on (as prepare_arc.evaluate votes), and the answer where
 it is known: coloured blocks on a terminal (digits when piped or NO_COLOR is set). A task that was not
 in training has no puzzle embedding: it runs with the blank one and says so.
+
+Time series (a model trained on a series from prepare_timeseries.py):
+$ python sample.py --out_dir=out-etth1 --plot=forecast.svg            # forecast every test window, plot the last
+$ python sample.py --out_dir=out-etth1 --plot=ot.svg --window=0 --variable=OT --split=val
+
+It prints the errors of the forecasts of every window of the split (MSE and MAE on the normalised scale and
+in the series' units) beside the last-value and DLinear forecasts', and --plot draws one window's history,
+forecast and truth of one variable as an SVG chart that a browser opens.
 """
 import math
 import os
@@ -39,8 +47,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, brief_errors
-from model import HRM, HRMConfig, check_device, load_checkpoint
+from dataset import BadRows, DataError, SeriesData, Windows, brief_errors, window_batches
+from model import build_model, check_device, load_checkpoint
 
 # -----------------------------------------------------------------------------
 _not_config = set(globals())
@@ -52,9 +60,13 @@ max_puzzles = 0             # if > 0, solve only the first this-many
 halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with)
 show_steps = False          # print the board after every segment with the Q head's halting probability
 arc_task = ''               # ARC: a task's JSON file, or the id of a task in the dataset's evaluation set
-dataset = ''                # ARC: the dataset in data/ the model trained on ('' = the checkpoint's)
 batch_size = 256
 quiet = False               # with many inputs: print only errors and the score
+dataset = ''                # ARC, time series: the dataset in data/ the model trained on ('' = the checkpoint's)
+split = 'test'              # time series: forecast the windows of 'test' or 'val'
+plot = ''                   # time series: draw one window's forecast into this SVG file
+window = -1                 # time series: the window to draw, its index in the split (negative: from the end)
+variable = ''               # time series: the variable (column) to draw; '' = the last one (OT for ETT)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 compile = False
@@ -66,10 +78,12 @@ def load_model():
     """(task, model, forward): the checkpoint's model in eval mode, and it or its compiled version."""
     try:
         checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-        model = HRM(HRMConfig(**dict(checkpoint['model_args'], forward_dtype=dtype)))
+        model = build_model(dict(checkpoint['model_args'], forward_dtype=dtype))
     except DataError as e:
         raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
     model.load_state_dict(checkpoint['model'])
+    global dataset
+    dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     if halt_max_steps > 0:
         model.config.halt_max_steps = halt_max_steps  # ACT can think longer than it was trained to
     model.to(device).eval()
@@ -198,8 +212,7 @@ def arc(model, forward):
     import prepare_arc as pa
     if not arc_task:
         raise DataError("give --arc_task=<a task's JSON file> or --arc_task=<a task id of the dataset's evaluation set>")
-    data_dir = os.path.join('data', dataset or torch.load(os.path.join(out_dir, 'ckpt.pt'), mmap=True,
-                                                          weights_only=True)['config']['dataset'])
+    data_dir = os.path.join('data', dataset)
     identifiers = pa.read_identifiers(data_dir)
     if identifiers and len(identifiers) != model.config.num_puzzle_identifiers:
         raise DataError(f"{data_dir} has {len(identifiers):,} puzzle identifiers, the model "
@@ -246,7 +259,46 @@ def arc(model, forward):
         print(f"\n{right}/{len(task.tests)} test input(s) right within two attempts")
 
 
-TASKS = {'sudoku': sudoku, 'maze': solve_mazes, 'arc': arc}  # the dataset's task -> what sample.py does with it
+def timeseries(model, forward):
+    import prepare_timeseries as pt
+    config = model.config
+    series = SeriesData(os.path.join('data', dataset))
+    if series.num_features != config.num_features:
+        raise DataError(f"{series.path} has {series.num_features} variables, the model forecasts {config.num_features}")
+    if split not in ('val', 'test'):
+        raise DataError(f"split={split!r}: must be 'val' or 'test'")
+    windows = Windows(series, split, config.input_len, config.horizon)
+    n, column = windows.num_examples, variable or series.columns[-1]
+    if plot and column not in series.columns:
+        raise DataError(f"variable={column!r}: the series has {', '.join(series.columns)}")
+    if plot and not -n <= window < n:
+        raise DataError(f"window={window}: the {split} part has {n:,} windows (0 to {n - 1:,}, or -1 for the last)")
+    if plot and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
+        raise DataError(f"plot={plot!r}: no such directory")
+    forecasts = []
+    for batch in tqdm(window_batches(windows, n, batch_size, 0, 1), desc='forecasting', total=math.ceil(n / batch_size),
+                      disable=quiet):
+        _, outputs = model.run_to_halt(forward, {k: torch.from_numpy(v).to(device) for k, v in batch.items()})
+        forecasts.append(model.predictions(outputs).float().cpu().numpy())
+    forecasts = np.concatenate(forecasts)[:n]
+    print(f"{n:,} {split} windows of {series.path}: {config.input_len} steps -> {config.horizon}, "
+          f"{series.num_features} variables\n{'':12} {'MSE':>8} {'MAE':>8}   real units: {'MSE':>10} {'MAE':>10}")
+    for forecaster, (mse, mae, mse_real, mae_real) in pt.scores(windows, forecasts).items():
+        print(f"{forecaster:12} {mse:8.4f} {mae:8.4f}   {'':11} {mse_real:10.4g} {mae_real:10.4g}")
+    if plot:
+        i, j = window % n, series.columns.index(column)
+        history, truth = pt.window_arrays(windows, np.array([i]))
+        real = lambda values: values[0, :, j] * series.std[j] + series.mean[j]
+        origin = series.timestamps[windows.starts[i] + config.input_len]
+        step = pt.format_step(series.meta.get('step_seconds', 0))
+        pt.write_text(plot, pt.forecast_svg(real(history), real(forecasts[i:i + 1]), real(truth),
+                                            f"{column}: {split} window {i}, forecast from {origin}", column,
+                                            f"time steps of {step} from the forecast's start"))
+        print(f"wrote {plot}: window {i} of {split}, {column}")
+
+
+# the dataset's task -> what sample.py does with its model
+TASKS = {'sudoku': sudoku, 'maze': solve_mazes, 'arc': arc, 'timeseries': timeseries}
 
 if __name__ == '__main__':
     brief_errors('sample.py')  # bad input ends with one line, not a traceback

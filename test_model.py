@@ -8,11 +8,16 @@ One section per file under test:
   (float32 and float16: the interpreter mishandles bfloat16), on the GPU where there is one;
 - dataset.py: the shared format, safe atomic writes, damaged files, the dihedral transforms, downloads;
 - prepare_sudoku.py: parsing and checks, the augmentation, the dataset layout, bad input, interruptions;
+- prepare_maze.py: the generator's guarantees, the path scorer, the original's CSVs, bad rows, end to end;
+- prepare_arc.py: the encoding, the variants and their names, the sources and their checks, the voting;
+- prepare_timeseries.py and the forecasting model: windows and borders, calendar features, bad rows, the
+  heads, shorter windows and halting, a forecaster that learns, the baselines, the SVG, end to end;
 - configurator.py, then train.py and sample.py end to end in subprocesses on small data, with their errors;
 - on a CUDA GPU only: a bfloat16 training step of the whole HRM with each kernel backend.
 """
 import copy
 import csv
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -32,6 +37,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: the kernel tests use its interpreter
@@ -39,9 +45,11 @@ if not torch.cuda.is_available():
 import dataset  # noqa: E402
 import kernels  # noqa: E402
 import prepare_sudoku as ps  # noqa: E402
+import prepare_timeseries as pt  # noqa: E402
 from model import (HRM, HRMConfig, IGNORE_LABEL_ID, AdamAtan2, PuzzleEmbeddingSignSGD, RotaryEmbedding,  # noqa: E402
                    config_from_reference, convert_reference_state_dict, load_reference_checkpoint, softmax_cross_entropy,
                    stablemax_cross_entropy)
+from model import ForecastConfig, build_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FIXTURE = os.path.join(HERE, "..", "shared", "fixtures", "hrm_reference_small.pt")
@@ -2347,6 +2355,372 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path):
     assert "test input 1: no answer known" in result.stdout and "8 variant(s) voting" in result.stdout
     one_line_error(run_script("sample.py", [f"--out_dir={out}", "--arc_task=0d3d703e"], cwd=tmp_path, check=False),
                    "--arc_task=0d3d703e is a training task of data/arc-sample-aug-2, not in its evaluation set")
+
+
+# -----------------------------------------------------------------------------
+# prepare_timeseries.py and the forecasting model
+
+SHARED_ETTH1 = os.path.join(HERE, "..", "shared", "data", "timeseries", "ETTh1.csv")  # only for an optional test
+
+
+def write_series_csv(path, rows, header=("date", "a", "b")):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return str(path)
+
+
+def hourly(n, start="2021-03-01T00:00"):
+    return np.datetime64(start, "s") + np.arange(n) * np.timedelta64(1, "h")
+
+
+def build_indexed_series(tmp_path, n=200, borders="0.7,0.1,0.2"):
+    """A series whose first variable is its row number and second ten times it, plus 1000 from the
+    validation part on: windows and statistics can be read off it."""
+    values = np.stack([np.arange(n), 10 * np.arange(n)], 1).astype(np.float64)
+    values[int(n * 0.7):] += 1000
+    path = str(tmp_path / "data" / "indexed")
+    pt.build_series(hourly(n), values, ["a", "b"], path, borders, log=quiet)
+    return dataset.SeriesData(path), values
+
+
+def test_windows_follow_the_borders_and_only_training_rows_set_the_scale(tmp_path):
+    series, raw = build_indexed_series(tmp_path)
+    assert series.borders == [140, 160, 200] and series.meta["task"] == "timeseries"
+    assert np.allclose(series.mean, raw[:140].mean(0)) and np.allclose(series.std, raw[:140].std(0))
+    L, H = 24, 8
+    for split, first_target, last_target, count in (("train", L, 139, 140 - L - H + 1), ("val", 140, 159, 20 - H + 1),
+                                                     ("test", 160, 199, 40 - H + 1)):
+        windows = dataset.Windows(series, split, L, H)
+        batch = windows.batch(np.arange(windows.num_examples), pad_to=windows.num_examples + 3)
+        rows = np.rint(batch["inputs"][..., 0] * series.std[0] + series.mean[0]) % 1000  # back to row numbers
+        targets = np.rint(batch["labels"][..., 0] * series.std[0] + series.mean[0]) % 1000
+        valid = batch["valid"]
+        assert windows.num_examples == count and valid.sum() == count and not valid[count:].any()
+        # the history, then the targets right after it: no gap, no overlap
+        assert (np.diff(rows[valid], axis=1) == 1).all() and (targets[valid][:, 0] == rows[valid][:, -1] + 1).all()
+        assert targets[valid].min() == first_target and targets[valid].max() == last_target
+        assert np.array_equal(batch["input_marks"][valid], series.calendar[rows[valid].astype(int)])
+        assert np.array_equal(batch["target_marks"][valid], series.calendar[targets[valid].astype(int)])
+    # ETT's protocol: 12/4/4 months of 30 days; windows of 96 -> 96 as the literature counts them
+    assert pt.split_borders("ett", 17420, 3600) == [8640, 11520, 14400]
+    assert pt.split_borders("ett", 69680, 900) == [34560, 46080, 57600]
+    assert pt.split_borders("0.7,0.1,0.2", 1001, 3600) == [700, 801, 1001]
+    assert pt.split_borders("100,150,190", 200, 3600) == [100, 150, 190]
+    for spec in ("0.7,0.2", "0.5,0.1,0.2", "150,100,190", "100,150,250", "ett", "x"):
+        with pytest.raises(dataset.DataError, match="borders="):
+            pt.split_borders(spec, 200, 3600 if spec != "ett" else 7)
+    with pytest.raises(dataset.DataError, match="the val part .* too short for one window of input_len=24 \\+ horiz"):
+        dataset.Windows(series, "val", 24, 30)
+
+
+def test_calendar_features():
+    stamps = np.array(["2016-07-01T00:00", "2016-12-31T23:00", "2017-01-02T12:30", "2024-02-29T06:00"], "datetime64[s]")
+    features = pt.calendar_features(stamps)
+    assert features.dtype == np.float32 and features.shape == (4, len(dataset.CALENDAR))
+    for row, stamp in zip(features, stamps.astype(object)):
+        expected = [stamp.hour / 23, stamp.weekday() / 6, (stamp.day - 1) / 30, (stamp.timetuple().tm_yday - 1) / 365,
+                    (stamp.month - 1) / 11]
+        assert np.allclose(row, np.array(expected) - 0.5, atol=1e-6), stamp
+    assert features[1].tolist() == pytest.approx([0.5, 5 / 6 - 0.5, 0.5, 0.5, 0.5])  # a Saturday, day 366
+    year = pt.calendar_features(hourly(24 * 366, "2020-01-01T00:00"))
+    assert year.min() == -0.5 and year.max() == 0.5
+
+
+@pytest.mark.parametrize("rows, fill, message", [
+    ([["2021-03-01 00:00", "1", "2"], ["2021-03-01 01:00", "", "3"]], "", "line 3: a is missing (''); --fill=ffill"),
+    ([["2021-03-01 00:00", "1", "2"], ["2021-03-01 01:00", "NaN", "3"]], "", "line 3: a is missing ('NaN')"),
+    ([["2021-03-01 00:00", "1", "2"], ["2021-03-01 01:00", "1.5kW", "3"]], "ffill", "line 3: a is '1.5kW', not a"),
+    ([["2021-03-01 00:00", "1", "inf"]], "", "line 2: b is 'inf', not a finite number"),
+    ([["2021-03-01 01:00", "1", "2"], ["2021-03-01 00:00", "1", "3"]], "",
+     "line 3: date 2021-03-01 00:00:00 is earlier than line 2's 2021-03-01 01:00:00: rows must be in time order"),
+    ([["2021-03-01 00:00", "1", "2"], ["2021-03-01 00:00", "1", "3"]], "", "line 3: date 2021-03-01 00:00:00 repeats"),
+    ([["01/03/2021", "1", "2"]], "", "line 2: date '01/03/2021' is not a date and time"),
+    ([["2021-03-01 00:00", "", "2"], ["2021-03-01 01:00", "1", "3"]], "ffill", "line 2: a is missing and no row"),
+    ([["2021-03-01 00:00", "1", "2", "9"]], "", "line 2: expected 3 fields"),
+    ([], "", "no rows"),
+])
+def test_bad_rows_are_named(tmp_path, rows, fill, message):
+    path = write_series_csv(tmp_path / "bad.csv", rows)
+    with pytest.raises(dataset.DataError) as error:
+        pt.read_series(path, fill=fill)
+    assert str(error.value).startswith(path) and message in str(error.value)
+
+
+def test_fill_and_columns(tmp_path):
+    rows = [["2021-03-01 00:00", "1", "10", "x"], ["2021-03-01 01:00", "", "NA", "x"], ["2021-03-01 03:00", "4", "40", "x"]]
+    path = write_series_csv(tmp_path / "gaps.csv", rows, header=("date", "a", "b", "note"))
+    stamps, values, names = pt.read_series(path, columns=["a", "b"], fill="ffill")
+    assert names == ["a", "b"] and values.tolist() == [[1, 10], [1, 10], [4, 40]]
+    _, values, _ = pt.read_series(path, columns=["b", "a"], fill="linear")  # interpolated in time: 1 h of 3
+    assert values.tolist() == [[10, 1], [20, 2], [40, 4]] and stamps[2] == np.datetime64("2021-03-01T03:00")
+    with pytest.raises(dataset.DataError, match="line 2: note is 'x', not a number"):
+        pt.read_series(path, fill="ffill")
+
+
+def test_bad_csv_on_the_command_line_is_one_line(tmp_path):
+    path = write_series_csv(tmp_path / "bad.csv", [["2021-03-01 00:00", "1", "2"], ["2021-03-01 01:00", "oops", "3"]])
+    one_line_error(run_prepare(f"--csv={path}", cwd=tmp_path, script="prepare_timeseries.py"),
+                   f"prepare_timeseries.py: {path} line 3: a is 'oops', not a number")
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_source_ett_downloads_once(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    stamps = np.datetime64("2016-07-01T00:00", "s") + np.arange(100) * np.timedelta64(15, "m")
+    write_series_csv(served / "ETTm2.csv", [[str(t).replace("T", " "), i, 2 * i] for i, t in enumerate(stamps)],
+                     header=("date", "HUFL", "OT"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = ("--source=ett", "--ett=ETTm2", f"--ett_url=http://127.0.0.1:{server.server_address[1]}",
+                "--download_dir=dl", "--borders=0.6,0.2,0.2")
+        result = run_prepare(*args, cwd=tmp_path, script="prepare_timeseries.py")
+        assert result.returncode == 0 and "wrote data/ettm2" in result.stdout, result.stderr
+        series = dataset.SeriesData(str(tmp_path / "data" / "ettm2"))
+        assert series.columns == ["HUFL", "OT"] and series.meta["step_seconds"] == 900 and series.borders == [60, 80, 100]
+        assert open(tmp_path / "dl" / "ETTm2.csv").read() == open(served / "ETTm2.csv").read()
+        result = run_prepare(*args, cwd=tmp_path, script="prepare_timeseries.py")  # a second run reuses the file
+        assert result.returncode == 0 and "downloaded before" in result.stdout
+        # ETT's own split needs 20 months of 15-minute steps
+        one_line_error(run_prepare(*args[:-1], cwd=tmp_path, script="prepare_timeseries.py"),
+                       "borders='ett': the parts end at rows [34560, 46080, 57600]")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_failed_build_leaves_nothing_and_keeps_the_old_series(tmp_path, monkeypatch):
+    series, _ = build_indexed_series(tmp_path)
+    before = snapshot(series.path)
+    save = np.save
+
+    def failing_save(file, *args, **kwargs):
+        if str(file).endswith("calendar.npy"):
+            raise KeyboardInterrupt
+        return save(file, *args, **kwargs)
+    monkeypatch.setattr(dataset.np, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        build_indexed_series(tmp_path, n=300)
+    assert snapshot(series.path) == before and os.listdir(tmp_path / "data") == ["indexed"]
+    with pytest.raises(KeyboardInterrupt):
+        pt.build_series(hourly(50), np.zeros((50, 1)), ["a"], str(tmp_path / "data" / "new"), log=quiet)
+    assert os.listdir(tmp_path / "data") == ["indexed"]
+
+
+def test_window_batches_resume_and_split_between_processes(tmp_path):
+    series, _ = build_indexed_series(tmp_path)
+    train = dataset.Windows(series, "train", 24, 8)
+    whole = dataset.WindowBatches(train, 48, 0, 1, seed=3)
+    batches = [next(whole) for _ in range(5)]  # 109 windows: the third batch crosses into the second epoch
+    starts = lambda batch: np.rint(batch["inputs"][:, 0, 0] * series.std[0] + series.mean[0])
+    assert sorted(np.concatenate([starts(b) for b in batches[:2]]).tolist() + starts(batches[2])[:13].tolist()) == \
+        list(range(109)) and whole.state_dict() == dict(epoch=2, position=22)
+    resumed = dataset.WindowBatches(train, 48, 0, 1, seed=3)
+    resumed.load_state_dict(dict(epoch=1, position=35))  # after the third batch
+    assert all(np.array_equal(next(resumed)["inputs"], b["inputs"]) for b in batches[3:])
+    halves = [dataset.WindowBatches(train, 48, rank, 2, seed=3) for rank in (0, 1)]
+    for batch in batches:
+        parts = [next(h) for h in halves]
+        assert np.array_equal(np.concatenate([p["inputs"] for p in parts]), batch["inputs"])
+    evaluation = list(dataset.window_batches(dataset.Windows(series, "test", 24, 8), 33, 16, 1, 2))
+    assert [b["valid"].sum() for b in evaluation] == [8, 8, 0]  # rows 8-15, 24-31, then padding
+
+
+def forecast_config(**overrides):
+    config = dict(num_features=2, input_len=24, horizon=8, layout="patch", patch_len=8, hidden_size=32, num_heads=2,
+                  expansion=2, H_layers=1, L_layers=1, H_cycles=1, L_cycles=2, halt_max_steps=2,
+                  halt_exploration_prob=0.0, forward_dtype="float32")
+    config.update(overrides)
+    return ForecastConfig(**config)
+
+
+def window_batch(config, B=5, L=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = L or config.input_len
+    return dict(inputs=torch.randn(B, L, config.num_features, generator=g),
+                labels=torch.randn(B, config.horizon, config.num_features, generator=g),
+                input_marks=torch.rand(B, L, 5, generator=g) - 0.5,
+                target_marks=torch.rand(B, config.horizon, 5, generator=g) - 0.5, valid=torch.ones(B, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("layout", ["time", "patch", "variable"])
+def test_forecaster_heads_and_the_autoregressive_rollout(layout):
+    for head in ("oneshot", "autoregressive"):
+        config = forecast_config(layout=layout, head=head, patch_len=4)
+        torch.manual_seed(0)
+        model = build_model(dataclasses.asdict(config))
+        batch = window_batch(config)
+        carry, loss, metrics, outputs = model(model.initial_carry(batch), batch)
+        step = config.horizon if head == "oneshot" else (4 if layout == "patch" else 1)
+        assert outputs["forecast"].shape == (5, step, 2) and outputs["forecast"].dtype == torch.float32
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        model.eval()
+        seen = []
+
+        def spy(carry, data):
+            seen.append(data["inputs"].clone())
+            return model(carry, data)
+        metrics, outputs = model.run_to_halt(spy, batch)
+        forecast = outputs["forecast"]
+        assert forecast.shape == (5, 8, 2) and metrics["count"] == 5
+        assert metrics["mse"] / 5 == pytest.approx(((forecast - batch["labels"]) ** 2).mean().item(), rel=1e-5)
+        assert len(seen) == 2 * (config.horizon // step)  # halt_max_steps segments for each step forward
+        if head == "autoregressive":  # the window moved on by one forecast, which became its newest history
+            assert torch.equal(seen[2][:, :-step], batch["inputs"][:, step:])
+            assert torch.allclose(seen[2][:, -step:], forecast[:, :step])
+
+
+def test_shorter_windows_keep_their_positions():
+    config = forecast_config(layout="time", input_len=24, horizon=8)
+    model = build_model(dataclasses.asdict(config)).eval()
+    positions = []
+    model.rotary_emb.register_forward_hook(lambda module, args, out: positions.append(args[0].tolist()))
+    short = window_batch(config, L=10)
+    metrics, outputs = model.run_to_halt(model, short)
+    assert outputs["forecast"].shape == (5, 8, 2) and torch.isfinite(outputs["forecast"]).all()
+    assert positions[0] == list(range(14, 32))  # the last 10 of the 24 history positions, then the horizon's
+    assert model.initial_carry(short).z_H.shape == (5, 18, 32)
+    patches = build_model(dataclasses.asdict(forecast_config()))
+    with pytest.raises(ValueError, match="the patch layout takes windows of input_len=24 steps, got 10"):
+        patches.run_to_halt(patches, short)
+
+
+def test_regression_halting():
+    config = forecast_config(halt_max_steps=3, halt_tolerance=0.5)
+    model = build_model(dataclasses.asdict(config))
+    batch = window_batch(config)
+    _, outputs = model.eval().run_to_halt(model, batch)
+    # Q-halt's target is "this window's forecast MSE is under halt_tolerance": the first two are (MSE 0.01)
+    batch["labels"] = outputs["forecast"] + torch.tensor([0.1, 0.1, 2, 2, 2])[:, None, None]
+    carry = model.initial_carry(batch)
+    for _ in range(3):
+        carry, loss, metrics, outputs = model(carry, batch)
+    expected = F.binary_cross_entropy_with_logits(outputs["q_halt_logits"], torch.tensor([1.0, 1, 0, 0, 0]),
+                                                  reduction="sum")
+    assert metrics["q_halt_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert carry.halted.all() and (carry.steps == 3).all()  # evaluation: every window runs halt_max_steps
+    # in training a window halts where Q says so (Q-halt above Q-continue), the others run on
+    model.train()
+    with torch.no_grad():
+        model.q_head.bias.copy_(torch.tensor([5.0, -5.0]))
+    carry, _, _, _ = model(model.initial_carry(batch), batch)
+    assert carry.halted.all() and (carry.steps == 1).all()
+    with torch.no_grad():
+        model.q_head.bias.copy_(torch.tensor([-5.0, 5.0]))
+    carry, _, _, _ = model(model.initial_carry(batch), batch)
+    assert not carry.halted.any()
+
+
+def sine_series(n, periods=(24, 36)):
+    t = np.arange(n)[:, None]
+    return np.sin(2 * np.pi * t / np.array(periods) + np.array([0.0, 1.0])[:len(periods)])
+
+
+def test_tiny_forecaster_beats_the_last_value_on_a_sine():
+    """Real training, a few seconds: two noiseless sines, 48 steps of history -> the next 12."""
+    series = torch.tensor(sine_series(2000), dtype=torch.float32)
+    config = forecast_config(input_len=48, horizon=12, patch_len=8, halt_max_steps=1)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.asdict(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+
+    def windows(starts):
+        rows = torch.as_tensor(starts)[:, None]
+        return dict(inputs=series[rows + torch.arange(48)], labels=series[rows + 48 + torch.arange(12)],
+                    input_marks=torch.zeros(len(starts), 48, 5), target_marks=torch.zeros(len(starts), 12, 5),
+                    valid=torch.ones(len(starts), dtype=torch.bool))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        batch = windows(torch.randint(0, 1400, (32,), generator=g))
+        _, loss, _, _ = model(model.initial_carry(batch), batch)
+        (loss / 32).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    test = windows(np.arange(1500, 1940, 5))
+    metrics, outputs = model.eval().run_to_halt(model, test)
+    model_mse = ((outputs["forecast"] - test["labels"]) ** 2).mean().item()
+    last_value_mse = pt.errors(pt.last_value_forecast(test["inputs"].numpy(), 12), test["labels"].numpy())[0]
+    assert model_mse < 0.2 * last_value_mse, (model_mse, last_value_mse)
+
+
+def test_baselines_on_a_constructed_series(tmp_path):
+    history = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
+    assert pt.last_value_forecast(history, 4).tolist() == np.repeat(history[:, -1:], 4, 1).tolist()
+    assert pt.errors([[1.0, 3.0]], np.array([[0.0, 1.0]])) == (2.5, 1.5)
+    x = np.array([[1.0, 2, 3, 4, 10]])
+    assert np.allclose(pt.moving_average(x, 3), [[4 / 3, 2, 3, 17 / 3, 8]])  # the ends repeated
+    # a sum of sines follows a linear recurrence: DLinear (fitted by least squares) forecasts it exactly
+    n = 600
+    path = str(tmp_path / "data" / "sines")
+    pt.build_series(hourly(n), sine_series(n, (24, 7)) * [3, 1] + [5, 0], ["a", "b"], path, "0.6,0.2,0.2", log=quiet)
+    test = dataset.Windows(dataset.SeriesData(path), "test", 48, 12)
+    scores = pt.scores(test, np.zeros((test.num_examples, 12, 2), np.float32))
+    assert scores["dlinear"][0] < 1e-4 and scores["last_value"][0] > 0.3
+    _, truth = pt.window_arrays(test, np.arange(test.num_examples))
+    assert scores["model"] == pytest.approx(pt.errors(0, truth) + pt.errors(0, truth * test.series.std))
+    assert scores["model"][2] == pytest.approx(np.mean(truth ** 2 * test.series.std ** 2))
+
+
+def test_forecast_svg_parses_as_xml():
+    import xml.etree.ElementTree as ET
+    svg = pt.forecast_svg(np.sin(np.arange(48)), np.zeros(12), np.ones(12), "OT <test> & more", "OT (°C)", "hours")
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.tag == ns + "svg" and len(root.findall(f"{ns}polyline")) == 3
+    texts = [t.text for t in root.iter(ns + "text")]
+    assert "OT <test> & more" in texts and "hours" in texts and "OT (°C)" in texts and "forecast" in texts
+    assert pt.nice_ticks(-48, 11, 10) == [-40, -30, -20, -10, 0, 10] and pt.format_step(900) == "15 min"
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """prepare_timeseries.py (the synthetic series, shortened) -> train.py -> an evaluation log and a checkpoint."""
+    root = tmp_path_factory.mktemp("synthetic")
+    result = run_prepare("--synthetic_rows=1600", cwd=root, script="prepare_timeseries.py")
+    assert result.returncode == 0 and "wrote data/synthetic" in result.stdout, result.stderr
+    run_script("train.py", ["--dataset=synthetic", f"--out_dir={root / 'out'}", "--input_len=48", "--horizon=12",
+                            "--patch_len=8", "--global_batch_size=32", "--max_steps=40", "--eval_interval=20",
+                            "--learning_rate=3e-3", "--warmup_steps=5", "--halt_max_steps=2"] + TINY_MODEL, cwd=root)
+    return root
+
+
+def test_timeseries_end_to_end(synthetic_run, tmp_path):
+    log = read_eval_log(synthetic_run / "out")
+    assert [row["step"] for row in log] == [20, 40]
+    for key in ("mse", "mae", "mse_real", "mae_real", "last_value_mse", "last_value_mae", "dlinear_mse", "dlinear_mae",
+                "steps", "q_halt_accuracy"):
+        assert key in log[-1] and f"val_{key}" in log[-1], key
+    assert log[-1]["mse"] < log[-1]["last_value_mse"] and log[-1]["steps"] == 2
+    plot = tmp_path / "forecast.svg"
+    result = run_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", f"--plot={plot}", "--variable=demand",
+                                      "--window=3"], cwd=synthetic_run)
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.split()}
+    assert float(rows["model"][0]) == pytest.approx(log[-1]["mse"], abs=1e-4)  # printed with 4 decimals
+    assert float(rows["dlinear"][0]) == pytest.approx(log[-1]["dlinear_mse"], abs=1e-4) and "last_value" in rows
+    import xml.etree.ElementTree as ET
+    assert "demand: test window 3" in ET.parse(plot).getroot().findtext("{http://www.w3.org/2000/svg}text")
+    args = [f"--out_dir={synthetic_run / 'out'}", f"--plot={plot}", "--variable=OT"]
+    one_line_error(run_script("sample.py", args, cwd=synthetic_run, check=False),
+                   "variable='OT': the series has demand, temperature, supply")
+    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--input_len=2000"] + TINY_MODEL
+    one_line_error(run_script("train.py", args, cwd=synthetic_run, check=False),
+                   "the train part (rows 0 to 1,120) is too short for one window")
+
+
+@pytest.mark.skipif(not os.path.isfile(SHARED_ETTH1), reason="ETTh1.csv (../shared/data/timeseries) is not here")
+def test_etth1_follows_the_standard_protocol(tmp_path):
+    stamps, values, names = pt.read_series(SHARED_ETTH1)
+    pt.build_series(stamps, values, names, str(tmp_path / "etth1"), is_ett=True, log=quiet)
+    series = dataset.SeriesData(str(tmp_path / "etth1"))
+    assert series.borders == [8640, 11520, 14400] and series.columns[-1] == "OT"
+    counts = [dataset.Windows(series, split, 96, 96).num_examples for split in dataset.SPLITS]
+    assert counts == [8449, 2785, 2785]  # as the literature's loaders count them
+    test = dataset.Windows(series, "test", 96, 96)
+    history, truth = pt.window_arrays(test, np.arange(test.num_examples))
+    # the last-value forecast's test errors as published ("Repeat", Zeng et al. 2023): 1.295 and 0.713
+    assert pt.errors(pt.last_value_forecast(history, 96), truth) == pytest.approx((1.2944, 0.7132), abs=1e-4)
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """
-Train an HRM on a dataset written by a prepare_*.py script (or by the original code's dataset builders).
+Train an HRM on a dataset written by a prepare_*.py script (or by the original code's dataset builders), or
+a forecasting HRM on a time series from prepare_timeseries.py.
 
 One process (GPU, CPU or MPS):
 $ python train.py config/sudoku.py
@@ -10,7 +11,7 @@ $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --
 The ACT carry persists from step to step: each step runs one segment on every sequence of the batch, and
 only the sequences that halted take a fresh example from the next batch, as in the original. Evaluation
 reports the model's metrics and, where the dataset names its task, the task's own (prepare_<task>.py's
-evaluate: a maze's path validity, ARC's voted answers).
+evaluate: a maze's path validity, ARC's voted answers, a forecast's errors in real units beside baselines).
 """
 import importlib
 import importlib.util
@@ -25,8 +26,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import DataError, PuzzleData, TrainBatches, brief_errors, remove_stale_temp_files, test_batches
-from model import HRM, HRMConfig, Carry, check_device, check_ranges, load_checkpoint, load_reference_checkpoint
+from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, brief_errors,
+                     remove_stale_temp_files, test_batches, window_batches)
+from model import Carry, build_model, check_device, check_ranges, load_checkpoint, load_reference_checkpoint
 
 brief_errors('train.py')  # bad input (data, checkpoint, config) ends the run with one line, not a traceback
 
@@ -49,7 +51,7 @@ dataset = 'sudoku-extreme-1k-aug-1000'  # data/<dataset>/{train,test}
 global_batch_size = 384     # sequences per step, summed over processes
 epochs = 20000              # passes over the training groups; sets the number of steps
 max_steps = 0               # if > 0, stop here instead (the lr schedule still spans `epochs`)
-eval_max_examples = 0       # if > 0, evaluate on the first this-many test examples only
+eval_max_examples = 0       # if > 0, evaluate on the first this-many examples of each evaluation split only
 # model
 H_cycles = 2
 L_cycles = 2
@@ -63,6 +65,14 @@ puzzle_emb_ndim = 512       # 0 = no puzzle embedding
 halt_max_steps = 16
 halt_exploration_prob = 0.1
 loss_type = 'stablemax'     # 'stablemax' or 'softmax'
+# time series (a dataset from prepare_timeseries.py): windows of input_len steps, forecast horizon steps ahead
+input_len = 96
+horizon = 96
+ts_layout = 'patch'         # a token is a 'time' step, a 'patch' of one variable, or a whole 'variable'
+ts_head = 'oneshot'         # 'oneshot' (the whole horizon) or 'autoregressive' (the next step, fed back)
+patch_len = 16              # ts_layout='patch': steps per patch
+ts_loss = 'mse'             # 'mse' or 'mae'
+halt_tolerance = 0.1        # Q-halt learns whether a window's forecast MSE (normalised scale) is under this
 # optimizers: Adam-atan2 on the weights, SignSGD on the sparse puzzle embedding
 optimizer = 'adam_atan2'    # or 'adamw'
 learning_rate = 1e-4
@@ -85,7 +95,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 # a resumed run continues with the config it was trained with, changed only by this command's overrides
 FIXED_KEYS = ('H_cycles', 'L_cycles', 'H_layers', 'L_layers', 'hidden_size', 'num_heads', 'expansion', 'pos_encodings',
-              'puzzle_emb_ndim', 'loss_type', 'dataset', 'global_batch_size', 'optimizer')  # what a resume cannot change
+              'puzzle_emb_ndim', 'loss_type', 'dataset', 'global_batch_size', 'optimizer', 'input_len', 'horizon',
+              'ts_layout', 'ts_head', 'patch_len', 'ts_loss')  # what a resume cannot change
 MACHINE_KEYS = ('device', 'dtype', 'compile', 'backend')  # taken from this machine, not from the checkpoint
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
@@ -139,28 +150,42 @@ torch.backends.cudnn.allow_tf32 = True
 # data, model, optimizers, and the state to resume from
 
 data_dir = os.path.join('data', dataset)
-train_data = PuzzleData(os.path.join(data_dir, 'train'))
-test_data = PuzzleData(os.path.join(data_dir, 'test'))
-meta = train_data.meta
+if os.path.isfile(os.path.join(data_dir, 'dataset.json')):  # a time series: windows cut from one series
+    series = SeriesData(data_dir)
+    meta, train_data = series.meta, Windows(series, 'train', input_len, horizon)
+    train_batches = WindowBatches(train_data, global_batch_size, rank, world_size, seed)
+    eval_sets = {split: (Windows(series, split, input_len, horizon), window_batches) for split in ('val', 'test')}
+    model_args = dict(num_features=series.num_features, input_len=input_len, horizon=horizon, layout=ts_layout,
+                      head=ts_head, patch_len=patch_len, loss_type=ts_loss, halt_tolerance=halt_tolerance)
+    examples_per_epoch = train_data.num_examples
+    described = f"{train_data.num_examples:,} training windows of {input_len} -> {horizon} steps"
+else:  # puzzles: examples in train/ and test/
+    train_data = PuzzleData(os.path.join(data_dir, 'train'))
+    test_data = PuzzleData(os.path.join(data_dir, 'test'))
+    meta = train_data.meta
+    train_batches = TrainBatches(train_data, global_batch_size, rank, world_size, seed)
+    eval_sets = {'test': (test_data, test_batches)}
+    model_args = dict(vocab_size=meta['vocab_size'], seq_len=meta['seq_len'], batch_size=batch_size,
+                      num_puzzle_identifiers=meta['num_puzzle_identifiers'], puzzle_emb_ndim=puzzle_emb_ndim,
+                      loss_type=loss_type)
+    examples_per_epoch = train_data.num_groups * meta['mean_puzzle_examples']
+    described = f"{train_data.num_examples:,} training examples in {train_data.num_groups:,} groups"
 task_evaluate = None  # the task's own metrics, from prepare_<task>.py when the dataset names its task
 if meta.get('task'):
     if importlib.util.find_spec(f"prepare_{meta['task']}") is None:
         raise DataError(f"{data_dir} was built for task {meta['task']!r}, but there is no prepare_{meta['task']}.py")
     task_evaluate = getattr(importlib.import_module(f"prepare_{meta['task']}"), 'evaluate', None)
-num_eval = test_data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, test_data.num_examples)
-total_steps = max(1, int(epochs * train_data.num_groups * meta['mean_puzzle_examples'] / global_batch_size))  # lr schedule
+total_steps = max(1, int(epochs * examples_per_epoch / global_batch_size))  # lr schedule
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
-model_args = dict(vocab_size=meta['vocab_size'], seq_len=meta['seq_len'], batch_size=batch_size,
-                  num_puzzle_identifiers=meta['num_puzzle_identifiers'], puzzle_emb_ndim=puzzle_emb_ndim,
-                  H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
+model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
                   num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings, halt_max_steps=halt_max_steps,
-                  halt_exploration_prob=halt_exploration_prob, forward_dtype=dtype, loss_type=loss_type)
+                  halt_exploration_prob=halt_exploration_prob, forward_dtype=dtype)
 iter_num = 0
 torch.manual_seed(seed)  # the same initial weights in every process
 if init_from == 'reference':
     model = load_reference_checkpoint(reference_checkpoint, model_args)
 else:
-    model = HRM(HRMConfig(**model_args))
+    model = build_model(model_args)
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
         if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob') and model_args.get(k) != v:
@@ -176,7 +201,6 @@ raw_model = model
 dense_optimizer, sparse_optimizer = model.configure_optimizers(
     learning_rate, weight_decay, (beta1, beta2), puzzle_emb_lr, puzzle_emb_weight_decay, optimizer)
 optimizers = [(dense_optimizer, learning_rate)] + ([(sparse_optimizer, puzzle_emb_lr)] if sparse_optimizer else [])
-train_batches = TrainBatches(train_data, global_batch_size, rank, world_size, seed)
 torch.manual_seed(seed + rank)  # halting exploration differs between processes
 carry = None
 if checkpoint is not None:
@@ -203,9 +227,8 @@ if ddp:
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temp_files(out_dir)
-    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {train_data.num_examples:,} training examples in "
-          f"{train_data.num_groups:,} groups; {stop_step:,} steps of {global_batch_size} on {world_size} "
-          f"process(es), {device}, {dtype}")
+    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {described}; {stop_step:,} steps of "
+          f"{global_batch_size} on {world_size} process(es), {device}, {dtype}")
     if device_type == 'cpu' and raw_model.get_num_params() > 5e6:
         print(f"note: training a {raw_model.get_num_params() / 1e6:.0f}M-parameter model on the CPU takes hours "
               f"per thousand steps; is a GPU visible to torch?")
@@ -261,34 +284,33 @@ def save_checkpoint():
 
 @torch.no_grad()
 def evaluate():
-    """Run every test batch from a fresh carry until all its sequences halt. Returns the model's metrics,
-    averaged over the examples of all processes, and the task's own metrics from the predictions."""
+    """Run every batch of each evaluation split from a fresh carry until all its sequences halt. Returns the
+    model's metrics, averaged over the examples of all processes, and the task's own metrics from the
+    predictions; those of a split other than test are named with the split first (val_mse)."""
     model_in_eval = model.module if ddp else model
     raw_model.eval()
-    sums, predictions, q_halt = None, [], []
-    batches = test_batches(test_data, num_eval, global_batch_size, rank, world_size)
-    for batch in tqdm(batches, desc='eval', total=math.ceil(num_eval / global_batch_size),
-                      disable=not master_process, leave=False):
-        batch = to_device(batch)
-        eval_carry = raw_model.initial_carry(batch)
-        while True:
-            eval_carry, _, metrics, outputs = model_in_eval(eval_carry, batch)
-            if eval_carry.halted.all():
-                break
-        values = torch.stack([metrics[k].float() for k in sorted(metrics)])
-        sums = values if sums is None else sums + values
-        if task_evaluate is not None:
-            predictions.append(gather(outputs['logits'].argmax(-1).to(torch.uint8)).cpu())
-            q_halt.append(gather(torch.sigmoid(outputs['q_halt_logits'])).cpu())
-    if world_size > 1:
-        dist.all_reduce(sums)
+    result = {}
+    for split, (data, batches) in eval_sets.items():
+        num_eval = data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, data.num_examples)
+        sums, predictions, q_halt = None, [], []
+        for batch in tqdm(batches(data, num_eval, global_batch_size, rank, world_size), desc=f'eval {split}',
+                          total=math.ceil(num_eval / global_batch_size), disable=not master_process, leave=False):
+            metrics, outputs = raw_model.run_to_halt(model_in_eval, to_device(batch))
+            values = torch.stack([metrics[k].float() for k in sorted(metrics)])
+            sums = values if sums is None else sums + values
+            if task_evaluate is not None:
+                predictions.append(gather(raw_model.predictions(outputs)).cpu())
+                q_halt.append(gather(torch.sigmoid(outputs['q_halt_logits'])).cpu())
+        if world_size > 1:
+            dist.all_reduce(sums)
+        sums = dict(zip(sorted(metrics), sums.tolist()))
+        metrics = {k: v / max(sums['count'], 1) for k, v in sums.items() if k != 'count'}
+        if task_evaluate is not None and master_process:
+            # the batches give row start + i to position i of the gathered global batch: rows past the end are padding
+            predictions, q_halt = torch.cat(predictions)[:num_eval].numpy(), torch.cat(q_halt)[:num_eval].numpy()
+            metrics.update(task_evaluate(data, predictions, q_halt, out_dir))
+        result.update({k if split == 'test' else f'{split}_{k}': v for k, v in metrics.items()})
     raw_model.train()
-    sums = dict(zip(sorted(metrics), sums.tolist()))
-    result = {k: v / max(sums['count'], 1) for k, v in sums.items() if k != 'count'}
-    if task_evaluate is not None and master_process:
-        # test_batches gives row start + i to position i of the gathered global batch: rows past the end are padding
-        predictions, q_halt = torch.cat(predictions)[:num_eval].numpy(), torch.cat(q_halt)[:num_eval].numpy()
-        result.update(task_evaluate(test_data, predictions, q_halt, out_dir))
     return result
 
 
