@@ -27,9 +27,9 @@ import time
 
 import torch
 
-from dataset import DataError, brief_errors
+from dataset import DataError, exit_cleanly
 
-brief_errors('bench.py')  # a bad setting is one line, not a traceback
+exit_cleanly('bench.py')  # a bad setting is one line, not a traceback
 # -----------------------------------------------------------------------------
 # config
 _not_config = set(globals())

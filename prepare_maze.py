@@ -39,16 +39,14 @@ About 3 mazes are drawn per one kept at 30x30; 2,000 take under 10 s.
 import csv
 import math
 import os
-import signal
-import sys
 import time
 from functools import lru_cache
 
 import numpy as np
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, dataset_path, dihedral, download, human_bytes, metadata, puzzle_arrays, \
-    read_csv, resolve_input, write_dataset
+from dataset import (BadRows, DataError, dataset_path, dihedral, download_once, exit_cleanly, human_bytes, metadata,
+                     puzzle_arrays, read_csv, resolve_input, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: 1,000 + 1,000 generated 30x30 mazes, as Maze-Hard's sizes
@@ -452,12 +450,7 @@ def main():
         print(f"generated {num_train:,} + {num_test:,} {size}x{size} mazes, S to G in more than {min_length} steps")
     else:
         if source == "hf":
-            paths = [os.path.join(download_dir, f"{split}.csv") for split in ("train", "test")]
-            for path in paths:
-                if os.path.exists(path):
-                    print(f"using {path} (downloaded before; delete it to fetch again)")
-                else:
-                    download(f"{hf_url}/{os.path.basename(path)}", path, show_progress=progress)
+            paths = download_once(hf_url, download_dir, ("train.csv", "test.csv"), show_progress=progress)
         elif not train_csv or not test_csv:
             raise DataError("source='local' needs --train_csv and --test_csv")
         else:
@@ -487,10 +480,6 @@ def main():
 
 
 if __name__ == "__main__":
-    # a SIGTERM becomes SystemExit, so the temporary directory is cleaned up as on Ctrl-C
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_cleanly("prepare_maze.py")  # bad input: one line, not a traceback; SIGTERM cleans up as Ctrl-C does
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    try:
-        main()
-    except DataError as e:
-        raise SystemExit(f"prepare_maze.py: {e}")
+    main()

@@ -20,15 +20,13 @@ The shipped sample assets/sudoku/{train,test}.csv holds 1,000 rows of each of th
 drawn with numpy.random.default_rng(0).choice(rows, 1000, replace=False) and kept in file order.
 """
 import os
-import signal
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, brief_errors, dataset_path, download, human_bytes, metadata, puzzle_arrays, read_csv, \
-    resolve_input, write_dataset
+from dataset import (BadRows, DataError, dataset_path, download_once, exit_cleanly, human_bytes, metadata, puzzle_arrays,
+                     read_csv, resolve_input, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe, built from the shipped sample
@@ -295,20 +293,13 @@ def main():
     started = time.time()
     paths = [resolve_input(train_csv), resolve_input(test_csv)]
     if source == "hf":
-        paths = [os.path.join(download_dir, f"{split}.csv") for split in ("train", "test")]
-        for path in paths:
-            if os.path.exists(path):
-                print(f"using {path} (downloaded before; delete it to fetch again)")
-            else:
-                download(f"{hf_url}/{os.path.basename(path)}", path, show_progress=progress)
+        paths = download_once(hf_url, download_dir, ("train.csv", "test.csv"), show_progress=progress)
     out_path = dataset_path(out_dir, name or default_name(subsample_size, num_aug, min_difficulty))
     size = build_dataset(*paths, out_path, subsample_size, min_difficulty, num_aug, seed, skip_bad, progress)
     print(f"wrote {out_path} ({human_bytes(size)}) in {time.time() - started:.1f} s")
 
 
 if __name__ == "__main__":
-    brief_errors("prepare_sudoku.py")  # bad input ends the build with one line, not a traceback
-    # a SIGTERM becomes SystemExit, so the temporary directory is cleaned up as on Ctrl-C
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_cleanly("prepare_sudoku.py")  # bad input: one line, not a traceback; SIGTERM cleans up as Ctrl-C does
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     main()

@@ -28,14 +28,12 @@ import csv as csv_module
 import datetime
 import os
 import re
-import signal
-import sys
 import time
 import xml.sax.saxutils
 
 import numpy as np
 
-from dataset import (CALENDAR, DataError, Windows, brief_errors, dataset_path, download, human_bytes, read_csv,
+from dataset import (CALENDAR, DataError, Windows, dataset_path, download, exit_cleanly, human_bytes, read_csv,
                      resolve_input, write_series)
 
 # -----------------------------------------------------------------------------
@@ -417,8 +415,6 @@ def write_text(path, text):
 
 
 if __name__ == "__main__":
-    brief_errors("prepare_timeseries.py")  # bad input ends the build with one line, not a traceback
-    # a SIGTERM becomes SystemExit, so the temporary directory is cleaned up as on Ctrl-C
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_cleanly("prepare_timeseries.py")  # bad input: one line, not a traceback; SIGTERM cleans up as Ctrl-C does
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     main()

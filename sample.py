@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, SeriesData, Windows, brief_errors, window_batches
+from dataset import BadRows, DataError, SeriesData, Windows, exit_cleanly, window_batches
 from model import build_model, check_device, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def timeseries(model, forward):
 TASKS = {'sudoku': sudoku, 'maze': solve_mazes, 'arc': arc, 'timeseries': timeseries}
 
 if __name__ == '__main__':
-    brief_errors('sample.py')  # bad input ends with one line, not a traceback
+    exit_cleanly('sample.py')  # bad input ends with one line, not a traceback
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     if batch_size < 1 or max_puzzles < 0 or halt_max_steps < 0:
         raise DataError("batch_size must be >= 1, max_puzzles and halt_max_steps >= 0")

@@ -1919,7 +1919,6 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path):
 # prepare_arc.py: the encoding, variants and their names, the sources and their checks, the split, the voting
 
 import importlib.util  # noqa: E402
-import types  # noqa: E402
 
 import prepare_arc as pa  # noqa: E402
 

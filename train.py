@@ -26,11 +26,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, brief_errors,
+from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, exit_cleanly,
                      remove_stale_temp_files, test_batches, window_batches)
 from model import Carry, build_model, check_device, check_ranges, load_checkpoint, load_reference_checkpoint
 
-brief_errors('train.py')  # bad input (data, checkpoint, config) ends the run with one line, not a traceback
+exit_cleanly('train.py')  # bad input (data, checkpoint, config) ends the run with one line, not a traceback
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe (see config/*.py for others)
