@@ -2949,6 +2949,7 @@ def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
     (["--device=gpu"], "device='gpu': must be 'cpu', 'cuda', 'cuda:<n>' or 'mps'"),
     (["--dataset=absent"], "no dataset at data/absent/train (no dataset.json): build one with a prepare_*.py script"),
     (["--init_from=resume", "--out_dir=nowhere"], "train.py: nowhere/ckpt.pt: no such file"),
+    (["--init_from=reference"], "reference_checkpoint='': must be a path with init_from='reference'"),
 ])
 def test_train_bad_input_is_one_line(reverse_task, args, message):
     one_line_error(run_script("train.py", RESUME_ARGS + args, cwd=reverse_task, check=False), message)

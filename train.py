@@ -121,6 +121,7 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('seed', seed >= 0, '>= 0'), ('warmup_steps', warmup_steps >= 0, '>= 0'),
           ('lr_min_ratio', 0 <= lr_min_ratio <= 1, 'in [0, 1]'), ('grad_clip', grad_clip >= 0, '>= 0'),
           ('init_from', init_from in ('scratch', 'resume', 'reference'), "'scratch', 'resume' or 'reference'"),
+          ('reference_checkpoint', init_from != 'reference' or reference_checkpoint, "a path with init_from='reference'"),
           ('dtype', dtype in ('float32', 'bfloat16', 'float16'), "'float32', 'bfloat16' or 'float16'"),
           ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
 check_ranges(globals(), _rules)
