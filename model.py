@@ -204,6 +204,7 @@ class HRMConfig:
     rope_theta: float = 10000.0
     halt_max_steps: int = 16        # ACT segments at most; may be raised at inference
     halt_exploration_prob: float = 0.1
+    act_continue: bool = True       # Q-continue learnt from a bootstrapped second pass; False: halt at Q-halt > 0
     forward_dtype: str = "bfloat16"
     loss_type: str = "stablemax"    # 'stablemax' or 'softmax'
 
@@ -383,11 +384,13 @@ class HRM(nn.Module):
             halted = is_last_step
             # in evaluation every sequence runs halt_max_steps segments, so a batch halts together
             if self.training and config.halt_max_steps > 1:
-                halted = halted | (q_halt_logits > q_continue_logits)
+                # without Q-continue (TRM's simplification: half the forward passes) halting needs Q-halt > 0
+                halted = halted | (q_halt_logits > (q_continue_logits if config.act_continue else 0))
                 # exploration: with probability halt_exploration_prob, a random minimum number of segments
                 explore = torch.rand_like(q_halt_logits) < config.halt_exploration_prob
                 min_halt_steps = explore * torch.randint_like(steps, low=2, high=config.halt_max_steps + 1)
                 halted = halted & (steps >= min_halt_steps)
+            if self.training and config.halt_max_steps > 1 and config.act_continue:
                 # Q-continue's target is the value of the next segment, bootstrapped from a second pass (no
                 # replay buffer or target network: a large batch is many parallel environments, as in PQN)
                 _, _, following = self.reason(z_H, z_L, data)
@@ -769,6 +772,37 @@ class AdamAtan2(torch.optim.Optimizer):
                 p.mul_(1 - lr * weight_decay)
                 update = torch.atan2(m / (1 - beta1 ** t), v.sqrt() / math.sqrt(1 - beta2 ** t))
                 p.add_(update, alpha=-lr)
+
+
+class WeightEMA:
+    """An exponential moving average of a model's parameters, updated after every optimizer step (ema = decay
+    * ema + (1 - decay) * p) and swapped in for evaluation: TRM evaluates with it (Sudoku 79.9% -> 87.4%).
+    The puzzle embedding, a buffer trained by SignSGD, is not averaged, as in TRM."""
+
+    def __init__(self, model, decay):
+        self.decay, self.params = decay, dict(model.named_parameters())
+        self.average = {name: p.detach().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(list(self.average.values()), list(self.params.values()), 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self):
+        """Exchange the model's parameters and the average in place (a compiled model sees the same tensors);
+        a second call swaps them back."""
+        for name, p in self.params.items():
+            held = p.detach().clone()
+            p.copy_(self.average[name])
+            self.average[name].copy_(held)
+
+    def state_dict(self):
+        return {name: a.cpu() for name, a in self.average.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        for name, a in self.average.items():
+            a.copy_(state[name])
 
 
 class PuzzleEmbeddingSignSGD(torch.optim.Optimizer):

@@ -81,7 +81,8 @@ def load_model():
         model = build_model(dict(checkpoint['model_args'], forward_dtype=dtype))
     except DataError as e:
         raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
-    model.load_state_dict(checkpoint['model'])
+    # a run that kept an average of its weights evaluated with it: so does sample.py
+    model.load_state_dict({**checkpoint['model'], **(checkpoint.get('ema') or {})})
     global dataset
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     if halt_max_steps > 0:

@@ -46,7 +46,7 @@ import dataset  # noqa: E402
 import kernels  # noqa: E402
 import prepare_sudoku as ps  # noqa: E402
 import prepare_timeseries as pt  # noqa: E402
-from model import (HRM, HRMConfig, IGNORE_LABEL_ID, AdamAtan2, PuzzleEmbeddingSignSGD, RotaryEmbedding,  # noqa: E402
+from model import (HRM, HRMConfig, IGNORE_LABEL_ID, AdamAtan2, PuzzleEmbeddingSignSGD, RotaryEmbedding, WeightEMA,  # noqa: E402
                    config_from_reference, convert_reference_state_dict, load_reference_checkpoint, softmax_cross_entropy,
                    stablemax_cross_entropy)
 from model import ForecastConfig, build_model  # noqa: E402
@@ -269,6 +269,49 @@ def test_halting_in_training_and_evaluation():
     explorer.load_state_dict(model.state_dict())
     carry, _, _, _ = explorer(explorer.initial_carry(batch), batch)
     assert not carry.halted.any()
+
+
+def test_halting_without_q_continue():
+    """act_continue=False (TRM): one reasoning pass per segment, no bootstrapped target, and a sequence halts
+    when Q-halt > 0, whatever Q-continue says."""
+    config = tiny_config(halt_max_steps=5, act_continue=False)
+    model = HRM(config).train()
+    calls = []
+    model.L_level.register_forward_hook(lambda module, args, out: calls.append(out.requires_grad))
+    batch = random_batch(config)
+    with torch.no_grad():
+        model.q_head.bias.copy_(torch.tensor([-1.0, -5.0]))  # Q-halt above Q-continue, but below 0
+    carry, loss, metrics, outputs = model(model.initial_carry(batch), batch)
+    assert len(calls) == config.H_cycles * config.L_cycles and "target_q_continue" not in outputs
+    assert not carry.halted.any() and "q_continue_loss" not in metrics
+    loss.backward()
+    assert model.q_head.weight.grad is not None
+    with torch.no_grad():
+        model.q_head.bias.copy_(torch.tensor([1.0, 5.0]))  # Q-halt > 0: halt now
+    carry, _, _, _ = model(model.initial_carry(batch), batch)
+    assert carry.halted.all()
+
+
+def test_weight_ema():
+    config = tiny_config()
+    model = HRM(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema = WeightEMA(model, decay=0.75)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    ema.update()
+    expected = {n: before[n] + 1 - 0.75 ** 2 for n in before}  # 1 - decay^2 of the way to the new weights
+    for n, a in ema.state_dict().items():
+        assert torch.allclose(a, expected[n], atol=1e-6), n
+    ema.swap()  # evaluation sees the average ...
+    assert all(torch.allclose(p, expected[n], atol=1e-6) for n, p in model.named_parameters())
+    ema.swap()  # ... and training gets its own weights back, exactly
+    assert all(torch.equal(p, before[n] + 1) for n, p in model.named_parameters())
+    restored = WeightEMA(model, decay=0.75)
+    restored.load_state_dict(ema.state_dict())
+    assert all(torch.equal(restored.average[n], a) for n, a in ema.average.items())
 
 
 def test_halted_sequences_restart_on_new_data():
@@ -2878,6 +2921,38 @@ def test_a_kill_between_evaluation_and_checkpoint_leaves_no_duplicate_log_line(r
     run_script("train.py", [f"--out_dir={out}", "--max_steps=20", "--init_from=resume"], cwd=reverse_task)
     assert [l["step"] for l in read_eval_log(out)] == [10, 20] and read_eval_log(out)[1]["accuracy"] != 0.5
     assert sorted(os.listdir(out)) == ["ckpt.pt", "eval_log.jsonl"]
+
+
+def test_a_budgeted_run_fits_its_schedule_to_the_minutes(reverse_task, tmp_path):
+    out = tmp_path / "out"
+    started = time.time()
+    result = run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--epochs=1000", "--max_minutes=0.3",
+                                                   "--eval_interval=1000", "--log_interval=50"], cwd=reverse_task)
+    took = time.time() - started
+    fitted = re.search(r"the run ends at step ([\d,]+)", result.stdout)
+    checkpoint = load_checkpoint(out)
+    log = read_eval_log(out)
+    # the first evaluation comes at the fit, the last at the end of the fitted schedule, inside the budget
+    assert fitted and checkpoint["budget"]["total_steps"] >= checkpoint["iter_num"] > 25 and log[0]["step"] == 25
+    assert log[-1]["step"] == checkpoint["iter_num"] and log[-1]["minutes"] <= 0.3 + 0.05
+    assert checkpoint["iter_num"] < 1000 * 2000 // 8 and took < 0.3 * 60 + 30, (took, result.stdout[-1500:])
+    assert re.search(r"^step 50 \(\d+\.\d min\):", result.stdout, re.M)
+
+
+def test_the_weight_average_is_evaluated_saved_and_resumed(reverse_task, tmp_path):
+    args = RESUME_ARGS + ["--ema_decay=0.9", "--max_steps=20"]
+    run_script("train.py", args + [f"--out_dir={tmp_path / 'whole'}"], cwd=reverse_task)
+    run_script("train.py", args[:-1] + ["--max_steps=10", f"--out_dir={tmp_path / 'parts'}"], cwd=reverse_task)
+    run_script("train.py", ["--max_steps=20", "--init_from=resume", f"--out_dir={tmp_path / 'parts'}"], cwd=reverse_task)
+    whole, parts = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
+    assert whole["ema"].keys() == {n for n, _ in HRM(HRMConfig(**whole["model_args"])).named_parameters()}
+    assert all(torch.equal(whole["ema"][n], parts["ema"][n]) for n in whole["ema"])
+    assert any(not torch.equal(whole["ema"][n], whole["model"][n]) for n in whole["ema"])
+    # the logged evaluation is the average's: an evaluation of the raw weights differs
+    averaged = read_eval_log(tmp_path / "whole")[-1]
+    raw = run_script("train.py", ["--init_from=resume", "--eval_only=True", "--ema_decay=0.0",
+                                  f"--out_dir={tmp_path / 'whole'}"], cwd=reverse_task)
+    assert read_eval_log(tmp_path / "whole")[-1]["lm_loss"] != averaged["lm_loss"], raw.stdout[-1000:]
 
 
 def test_torchrun_two_processes_equal_one(reverse_task, tmp_path):

@@ -28,9 +28,12 @@ from tqdm import tqdm
 
 from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, exit_cleanly,
                      remove_stale_temp_files, test_batches, window_batches)
-from model import Carry, build_model, check_device, check_ranges, load_checkpoint, load_reference_checkpoint
+from model import (Carry, WeightEMA, build_model, check_device, check_ranges, load_checkpoint,
+                   load_reference_checkpoint)
 
 exit_cleanly('train.py')  # bad input (data, checkpoint, config) ends the run with one line, not a traceback
+run_start = time.time()  # max_minutes counts from here
+FIT_STEPS = 25  # a budgeted run times its steps 5..25 (after compilation) and an evaluation to fit its schedule
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe (see config/*.py for others)
@@ -51,6 +54,8 @@ dataset = 'sudoku-extreme-1k-aug-1000'  # data/<dataset>/{train,test}
 global_batch_size = 384     # sequences per step, summed over processes
 epochs = 20000              # passes over the training groups; sets the number of steps
 max_steps = 0               # if > 0, stop here instead (the lr schedule still spans `epochs`)
+max_minutes = 0.0           # if > 0, the whole run's wall-clock budget, start to final evaluation: the lr schedule
+                            # is fitted to the steps that fit, measured on the first FIT_STEPS steps
 eval_max_examples = 0       # if > 0, evaluate on the first this-many examples of each evaluation split only
 # model
 H_cycles = 2
@@ -64,6 +69,7 @@ pos_encodings = 'rope'      # 'rope' or 'learned'
 puzzle_emb_ndim = 512       # 0 = no puzzle embedding
 halt_max_steps = 16
 halt_exploration_prob = 0.1
+act_continue = True         # False: no bootstrapped Q-continue pass, halting learnt from Q-halt alone (TRM)
 loss_type = 'stablemax'     # 'stablemax' or 'softmax'
 # time series (a dataset from prepare_timeseries.py): windows of input_len steps, forecast horizon steps ahead
 input_len = 96
@@ -84,6 +90,7 @@ beta2 = 0.95
 puzzle_emb_lr = 1e-4
 puzzle_emb_weight_decay = 1.0
 grad_clip = 0.0             # clip the gradient norm at this value; 0 = off (the original does not clip)
+ema_decay = 0.0             # if > 0, evaluate (and save) an exponential moving average of the weights (TRM: 0.999)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # compute dtype: float32, bfloat16, float16
@@ -120,6 +127,7 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('max_steps', max_steps >= 0, '>= 0 (0 = the whole schedule)'), ('eval_max_examples', eval_max_examples >= 0, '>= 0'),
           ('seed', seed >= 0, '>= 0'), ('warmup_steps', warmup_steps >= 0, '>= 0'),
           ('lr_min_ratio', 0 <= lr_min_ratio <= 1, 'in [0, 1]'), ('grad_clip', grad_clip >= 0, '>= 0'),
+          ('max_minutes', max_minutes >= 0, '>= 0 (0 = no budget)'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
           ('init_from', init_from in ('scratch', 'resume', 'reference'), "'scratch', 'resume' or 'reference'"),
           ('reference_checkpoint', init_from != 'reference' or reference_checkpoint, "a path with init_from='reference'"),
           ('dtype', dtype in ('float32', 'bfloat16', 'float16'), "'float32', 'bfloat16' or 'float16'"),
@@ -180,8 +188,8 @@ total_steps = max(1, int(epochs * examples_per_epoch / global_batch_size))  # lr
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
 model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
                   num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings, halt_max_steps=halt_max_steps,
-                  halt_exploration_prob=halt_exploration_prob, forward_dtype=dtype)
-iter_num = 0
+                  halt_exploration_prob=halt_exploration_prob, act_continue=act_continue, forward_dtype=dtype)
+iter_num, budget_resumed = 0, False
 torch.manual_seed(seed)  # the same initial weights in every process
 if init_from == 'reference':
     model = load_reference_checkpoint(reference_checkpoint, model_args)
@@ -189,11 +197,16 @@ else:
     model = build_model(model_args)
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
-        if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob') and model_args.get(k) != v:
+        if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob', 'act_continue') and \
+                model_args.get(k) != v:
             raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
                             f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
+    if max_minutes > 0 and checkpoint.get('budget'):  # a budgeted run keeps its fitted schedule and its clock
+        total_steps = stop_step = checkpoint['budget']['total_steps']
+        run_start -= 60 * checkpoint['budget']['minutes']
+        budget_resumed = True
     if iter_num >= stop_step and not eval_only:
         raise DataError(f"{ckpt_path} is at step {iter_num:,}, the end of this run ({stop_step:,} steps): nothing to "
                         f"train; raise max_steps or epochs, or evaluate with --eval_only=True")
@@ -202,6 +215,7 @@ raw_model = model
 dense_optimizer, sparse_optimizer = model.configure_optimizers(
     learning_rate, weight_decay, (beta1, beta2), puzzle_emb_lr, puzzle_emb_weight_decay, optimizer)
 optimizers = [(dense_optimizer, learning_rate)] + ([(sparse_optimizer, puzzle_emb_lr)] if sparse_optimizer else [])
+ema = WeightEMA(raw_model, ema_decay) if ema_decay > 0 else None
 torch.manual_seed(seed + rank)  # halting exploration differs between processes
 carry = None
 if checkpoint is not None:
@@ -209,6 +223,10 @@ if checkpoint is not None:
     if sparse_optimizer:
         sparse_optimizer.load_state_dict(checkpoint['sparse_optimizer'])
     train_batches.load_state_dict(checkpoint['loader'])
+    if ema is not None:
+        if checkpoint.get('ema') is None:
+            raise DataError(f"ema_decay={ema_decay}, but the run in {ckpt_path} kept no average of its weights")
+        ema.load_state_dict(checkpoint['ema'])
     carry = Carry.from_state_dict(checkpoint['carry'], slice(rank * batch_size, (rank + 1) * batch_size), device)
     if checkpoint['world_size'] == world_size:
         torch.set_rng_state(checkpoint['rng'][rank]['cpu'])
@@ -277,7 +295,9 @@ def save_checkpoint():
                           task=meta.get('task'),
                           optimizer=dense_optimizer.state_dict(),
                           sparse_optimizer=sparse_optimizer.state_dict() if sparse_optimizer else None,
-                          loader=train_batches.state_dict(), carry=saved_carry, rng=rngs, world_size=world_size)
+                          loader=train_batches.state_dict(), carry=saved_carry, rng=rngs, world_size=world_size,
+                          ema=ema.state_dict() if ema else None,
+                          budget=dict(total_steps=total_steps, minutes=minutes()) if max_minutes > 0 else None)
         tmp = f"{ckpt_path}.tmp-{os.getpid()}"
         torch.save(checkpoint, tmp)
         os.replace(tmp, ckpt_path)
@@ -315,14 +335,35 @@ def evaluate():
     return result
 
 
+def minutes():
+    return (time.time() - run_start) / 60
+
+
 def log_eval(step):
+    """Evaluate (with the average of the weights, if one is kept), print and log; returns the seconds it took."""
+    started = time.time()
+    if ema is not None:
+        ema.swap()
     metrics = evaluate()
+    if ema is not None:
+        ema.swap()
     if master_process:
-        tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        tqdm.write(f"step {step} ({minutes():.1f} min): eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         with open(os.path.join(out_dir, 'eval_log.jsonl'), 'a') as f:
-            f.write(json.dumps(dict(step=step, **metrics)) + '\n')
+            f.write(json.dumps(dict(step=step, minutes=round(minutes(), 3), **metrics)) + '\n')
         if wandb_log:
             wandb.log({f'eval/{k}': v for k, v in metrics.items()}, step=step)
+    return time.time() - started
+
+
+def fit_schedule(step_seconds, eval_seconds):
+    """The step a budgeted run ends at: the steps that fit in what is left of max_minutes, each evaluation
+    (every eval_interval steps, and the final one) taking eval_seconds. The same on every process."""
+    left = 60 * max_minutes - (time.time() - run_start) - eval_seconds
+    steps = int(max(0.0, left) / (step_seconds + eval_seconds / eval_interval))
+    if world_size > 1:  # the processes' clocks differ a little: take the first's
+        steps = int(gather(torch.tensor([steps], device=device))[0])
+    return iter_num + steps
 
 
 def trim_eval_log(step):
@@ -357,6 +398,8 @@ raw_model.train()
 log_sums, first_bad_step = None, torch.full((), -1, device=device)
 progress = tqdm(total=stop_step, initial=iter_num, disable=not master_process, desc='train')
 t0, t0_step = time.time(), iter_num
+start_step, eval_seconds = iter_num, 0.0
+fit_step = start_step + FIT_STEPS if max_minutes > 0 and not budget_resumed else None  # the first fit of the budget
 while iter_num < stop_step:
     batch = to_device(next(train_batches))
     if carry is None:
@@ -371,15 +414,21 @@ while iter_num < stop_step:
             group['lr'] = base_lr * lr_scale
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
     iter_num += 1
     progress.update()
+    if iter_num == start_step + 5:
+        fit_started = time.time()  # the first steps compile: a budget is fitted to the steps after them
     # stop on a non-finite loss without a sync every step: remember the first bad step on the device
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), iter_num, first_bad_step)
     values = torch.stack([metrics[k].float() for k in sorted(metrics)])
     log_sums = values if log_sums is None else log_sums + values
 
-    last = iter_num == stop_step
-    if iter_num % log_interval == 0 or last or iter_num % eval_interval == 0:
+    # a budgeted run also ends when the final evaluation would no longer fit
+    last = iter_num == stop_step or (max_minutes > 0 and time.time() - run_start + eval_seconds > 60 * max_minutes)
+    evaluating = iter_num % eval_interval == 0 or last or iter_num == fit_step
+    if iter_num % log_interval == 0 or evaluating:
         if world_size > 1:
             dist.all_reduce(log_sums)
             dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)
@@ -392,17 +441,24 @@ while iter_num < stop_step:
         # losses are over every sequence of every step, the other metrics over the sequences that halted
         stats = {k: v / (global_batch_size * steps_logged if k.endswith('loss') else max(sums['count'], 1))
                  for k, v in sums.items() if k != 'count'}
-        dt = (time.time() - t0) / steps_logged
+        dt = (time.time() - t0) / steps_logged if iter_num != fit_step else (time.time() - fit_started) / (FIT_STEPS - 5)
         if master_process:
-            tqdm.write(f"step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) +
-                       f", lr {lr_scale * learning_rate:.2e}, {dt * 1000:.1f} ms/step, "
+            tqdm.write(f"step {iter_num} ({minutes():.1f} min): " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items())
+                       + f", lr {lr_scale * learning_rate:.2e}, {dt * 1000:.1f} ms/step, "
                        f"{global_batch_size / dt:,.0f} examples/s")
             if wandb_log:
                 wandb.log({f'train/{k}': v for k, v in stats.items()} | {'train/lr': lr_scale * learning_rate},
                           step=iter_num)
         log_sums, t0, t0_step = None, time.time(), iter_num
-    if iter_num % eval_interval == 0 or last:
-        log_eval(iter_num)
+    if evaluating:
+        eval_seconds = log_eval(iter_num)
+        if max_minutes > 0 and not last:  # fit (after each evaluation, refit) the schedule to the budget left
+            total_steps = max(iter_num + 1, fit_schedule(dt, eval_seconds))
+            stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
+            progress.total = stop_step
+            if master_process and iter_num == fit_step:
+                tqdm.write(f"max_minutes={max_minutes}: at {dt * 1000:.1f} ms/step and {eval_seconds:.1f} s per "
+                           f"evaluation the run ends at step {stop_step:,}, where the lr schedule ends")
         if always_save_checkpoint or last:
             save_checkpoint()
         t0 = time.time()  # evaluation time is not training time
