@@ -10,6 +10,7 @@ keeps its default's type (an int may stand for a float): --key=value is read as 
 stays a string (--puzzle=4000008050... is text, not a number). A problem is one line naming the argument.
 What the arguments set is left in config_overrides (key -> value): a resumed run re-applies only those.
 """
+import ast
 import builtins
 import sys
 from ast import literal_eval
@@ -46,13 +47,14 @@ for _arg in sys.argv[1:]:
             raise SystemExit(f"{_arg}: cannot read this config file ({_e.strerror})")
         print(f"Overriding config with {_arg}")
         _namespace = {_k: globals()[_k] for _k in config_keys}
-        _before = dict(_namespace)
         try:
-            exec(builtins.compile(_source, _arg, "exec"), _namespace)  # `compile` may be a config key
+            _tree = ast.parse(_source, _arg)
+            exec(builtins.compile(_tree, _arg, "exec"), _namespace)  # `compile` may be a config key
         except Exception as _e:
             raise SystemExit(f"{_arg}: {type(_e).__name__}: {_e}")
+        _assigned = {_n.id for _n in ast.walk(_tree) if isinstance(_n, ast.Name) and isinstance(_n.ctx, ast.Store)}
         for _key, _val in _namespace.items():
-            if _key.startswith('_') or type(_val).__name__ == 'module' or _val is _before.get(_key, _arg):
+            if _key.startswith('_') or type(_val).__name__ == 'module' or _key not in _assigned:
                 continue  # not a setting, or not set by this file
             if _key not in config_keys:
                 raise SystemExit(f"{_arg}: unknown config key {_key!r}")

@@ -25,6 +25,7 @@ nothing half-written, and nothing is deleted that is not a dataset), reading it 
 batches, the 8 dihedral transforms of a grid, and a plain-HTTPS download.
 """
 import csv
+import errno
 import json
 import os
 import re
@@ -45,6 +46,15 @@ METADATA_TYPES = dict(pad_id=int, blank_identifier_id=int, vocab_size=int, seq_l
 
 class DataError(ValueError):
     """Bad input: a file, row, dataset, checkpoint or setting; str() is one line naming it and what is wrong."""
+
+
+def check_ranges(values, rules):
+    """rules: (name, ok, what it must be); the first broken one is a DataError 'name=value: must be ...'.
+    values: a dict or an object with the names as attributes."""
+    for name, ok, need in rules:
+        if not ok:
+            value = values[name] if isinstance(values, dict) else getattr(values, name)
+            raise DataError(f"{name}={value!r}: must be {need}")
 
 
 def exit_cleanly(script):
@@ -80,7 +90,8 @@ class BadRows:
 
     def report(self):
         """One line per category of skipped rows."""
-        return [f"skipped {n:,} x {category}, e.g. {self.examples[category]}" for category, n in sorted(self.counts.items())]
+        return [f"skipped {n:,} x {category}, e.g. {self.examples[category]}"
+                for category, n in sorted(self.counts.items())]
 
 
 def read_csv(path, required, optional=(), bad=None, strip=True):
@@ -185,17 +196,51 @@ def pid_alive(pid):
     return True
 
 
-def remove_stale_temp_files(directory):
-    """Delete what killed processes left behind in directory: the temporary files and directories this
-    project writes (.<dataset>.tmp-<pid>, .<dataset>.old-<pid>, ckpt.pt.tmp-<pid>, eval_log.jsonl.tmp-<pid>)
-    whose process is gone."""
+TEMP_MARK = ".partial"  # in every temporary directory this project makes, until it is renamed into place
+
+
+def temp_path(path):
+    """Where path is written until it is complete: .<name>.tmp-<pid> beside it."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+
+
+def write_atomically(path, write):
+    """write(temporary path), then rename it to path: path is always its old self or complete, and on an
+    error or interrupt (SIGTERM too, under exit_cleanly) the temporary file is removed."""
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomically(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomically(path, write)
+
+
+def remove_stale_temp_files(directory, names=()):
+    """Delete what a killed process of this project left in directory (.<name>.tmp-<pid> or .<name>.old-<pid>
+    whose process is gone): a temporary directory (it holds TEMP_MARK), a dataset moved aside while its
+    replacement was renamed into place, and the temporary files of `names`. Nothing else is touched."""
     if not os.path.isdir(directory):
         return
     for entry in os.listdir(directory):
-        match = re.fullmatch(r"(\..+|ckpt\.pt|eval_log\.jsonl)\.(tmp|old)-(\d+)", entry)
-        if match and int(match.group(3)) != os.getpid() and not pid_alive(int(match.group(3))):
-            path = os.path.join(directory, entry)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        match = re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)", entry)
+        if not match or int(match.group(3)) == os.getpid() or pid_alive(int(match.group(3))):
+            continue
+        path = os.path.join(directory, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if os.path.exists(os.path.join(path, TEMP_MARK)) or (match.group(2) == "old" and is_dataset(path)):
+                shutil.rmtree(path)
+        elif match.group(1) in names and match.group(2) == "tmp":
+            os.remove(path)
 
 
 def write_dataset(path, entries, identifiers):
@@ -208,8 +253,9 @@ def write_dataset(path, entries, identifiers):
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     remove_stale_temp_files(parent)
-    tmp, old = os.path.join(parent, f".{name}.tmp-{os.getpid()}"), os.path.join(parent, f".{name}.old-{os.getpid()}")
+    tmp, old = temp_path(path), os.path.join(parent, f".{name}.old-{os.getpid()}")
     os.makedirs(tmp)
+    open(os.path.join(tmp, TEMP_MARK), "w").close()
     try:
         for entry, contents in entries.items():
             if callable(contents):
@@ -224,6 +270,7 @@ def write_dataset(path, entries, identifiers):
         if identifiers is not None:
             with open(os.path.join(tmp, "identifiers.json"), "w") as f:
                 json.dump(identifiers, f)
+        os.remove(os.path.join(tmp, TEMP_MARK))
         size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(tmp) for f in files)
         replace_directory(tmp, path, old)
     except BaseException:
@@ -297,7 +344,8 @@ class PuzzleData:
         self.path, self.meta = path, read_json(meta_path)
         for key, kind in METADATA_TYPES.items():
             if not isinstance(self.meta.get(key), kind) or isinstance(self.meta.get(key), bool):
-                raise DataError(f"{meta_path}: {key} is {self.meta.get(key)!r}, expected {getattr(kind, '__name__', 'a number')}")
+                raise DataError(f"{meta_path}: {key} is {self.meta.get(key)!r}, "
+                                f"expected {getattr(kind, '__name__', 'a number')}")
         parts = {k: [] for k in ARRAYS}
         examples = puzzles = 0
         for set_name in self.meta["sets"]:  # several sets are laid end to end, their offsets shifted
@@ -327,6 +375,12 @@ class PuzzleData:
             (labels.shape == inputs.shape, f"labels.npy has shape {labels.shape}, inputs.npy {inputs.shape}"),
             (inputs.size == 0 or 0 <= inputs.min() and inputs.max() < self.meta["vocab_size"],
              f"inputs.npy has tokens outside 0..vocab_size-1 = {self.meta['vocab_size'] - 1}"),
+            (labels.size == 0 or 0 <= labels.min() and labels.max() < self.meta["vocab_size"],
+             f"labels.npy has tokens outside 0..vocab_size-1 = {self.meta['vocab_size'] - 1}"),
+            ((arrays["puzzle_identifiers"] >= 0).all() and
+             (arrays["puzzle_identifiers"] < self.meta["num_puzzle_identifiers"]).all(),
+             f"puzzle_identifiers.npy has identifiers outside 0..num_puzzle_identifiers-1 = "
+             f"{self.meta['num_puzzle_identifiers'] - 1}"),
         ]
         for key, total in (("puzzle_indices", len(inputs)), ("group_indices", len(arrays["puzzle_identifiers"]))):
             offsets = arrays[key]
@@ -439,6 +493,7 @@ def inverse_dihedral(grid, t):
 def download_once(base_url, directory, names, show_progress=True):
     """directory/name for each name, downloaded from base_url/name unless it is there from an earlier run."""
     paths = [os.path.join(directory, name) for name in names]
+    remove_stale_temp_files(directory, names)  # a download that was killed
     for path in paths:
         if os.path.exists(path):
             print(f"using {path} (downloaded before; delete it to fetch again)")
@@ -448,10 +503,10 @@ def download_once(base_url, directory, names, show_progress=True):
 
 
 def download(url, dest, show_progress=True, timeout=60):
-    """Fetch url to dest over HTTPS with a progress bar, into dest.part-<pid> renamed at the end, so dest is
+    """Fetch url to dest over HTTPS with a progress bar, into a temporary file renamed at the end, so dest is
     either absent or complete. Raises DataError with a one-line reason (offline, HTTP error, cut short)."""
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    part = f"{dest}.part-{os.getpid()}"
+    part = temp_path(dest)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
@@ -468,6 +523,8 @@ def download(url, dest, show_progress=True, timeout=60):
             os.remove(part)
         if isinstance(e, urllib.error.HTTPError):
             raise DataError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise DataError(f"could not write {dest} ({e.strerror})") from None
         if isinstance(e, (urllib.error.URLError, OSError)):
             reason = getattr(e, "reason", None) or e
             raise DataError(f"could not download {url} ({reason}): offline? Fetch the file by hand and pass "

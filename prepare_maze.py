@@ -46,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import (BadRows, DataError, dataset_path, dihedral, download_once, exit_cleanly, human_bytes, metadata,
-                     puzzle_arrays, read_csv, resolve_input, write_dataset)
+                     puzzle_arrays, read_csv, resolve_input, write_atomically, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: 1,000 + 1,000 generated 30x30 mazes, as Maze-Hard's sizes
@@ -420,17 +420,13 @@ def build_dataset(train, test, out_path, side, aug=False, build=None, log=print)
 def save_csv(path, questions, answers, source_name, side):
     """The mazes as a CSV in the original's layout (rating: the shortest path's steps), written to a
     temporary file and renamed."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["source", "question", "answer", "rating"])
             for q, a in zip(questions, answers):
                 writer.writerow([source_name, to_text(q), to_text(a), int((a == PATH).sum()) + 1])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, write)
 
 
 def main():
@@ -472,6 +468,9 @@ def main():
     written = build_dataset(*splits, out_path, size, aug, build)
     print(f"wrote {out_path} ({human_bytes(written)}) in {time.time() - started:.1f} s")
     if write_csv:
+        taken = [p for p in (os.path.join(write_csv, f"{s}.csv") for s in ("train", "test")) if os.path.exists(p)]
+        if taken:
+            raise DataError(f"write_csv={write_csv!r}: {taken[0]} exists; not writing over it (the dataset is written)")
         os.makedirs(write_csv, exist_ok=True)
         for split, (questions, answers) in zip(("train", "test"), splits):
             save_csv(os.path.join(write_csv, f"{split}.csv"), questions, answers, f"prepare_maze.py seed={seed}"

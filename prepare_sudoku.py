@@ -25,8 +25,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from dataset import (BadRows, DataError, dataset_path, download_once, exit_cleanly, human_bytes, metadata, puzzle_arrays,
-                     read_csv, resolve_input, write_dataset)
+from dataset import (BadRows, DataError, check_ranges, dataset_path, download_once, exit_cleanly, human_bytes, metadata,
+                     puzzle_arrays, read_csv, resolve_input, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe, built from the shipped sample
@@ -49,7 +49,8 @@ config_keys = [k for k in globals() if k not in _not_config and not k.startswith
 
 SEQ_LEN, VOCAB_SIZE = 81, 11  # 81 cells; PAD, blank, digits 1..9
 _CELL = np.arange(81).reshape(9, 9)
-UNITS = np.concatenate([_CELL, _CELL.T, _CELL.reshape(3, 3, 3, 3).transpose(0, 2, 1, 3).reshape(9, 9)])  # rows, cols, boxes
+# the 27 units as cell indices: rows, columns, then boxes
+UNITS = np.concatenate([_CELL, _CELL.T, _CELL.reshape(3, 3, 3, 3).transpose(0, 2, 1, 3).reshape(9, 9)])
 _DIGIT = np.full(256, -1, dtype=np.int16)  # character code -> digit, 0 = blank, -1 = not allowed
 _DIGIT[[ord("."), ord("0")]] = 0
 _DIGIT[ord("1"):ord("9") + 1] = np.arange(1, 10)
@@ -129,7 +130,8 @@ def grid_problems(questions, answers=None):
     problems = [None] * len(questions)
     for i in np.flatnonzero(flagged):  # sentences only for the bad rows
         if q_repeats[i].any():
-            problems[i] = ("clues conflict", f"question's clues conflict: {_repeat_sentence(questions[i], q_repeats[i])}")
+            problems[i] = ("clues conflict",
+                           f"question's clues conflict: {_repeat_sentence(questions[i], q_repeats[i])}")
         elif (answers[i] == 0).any():
             problems[i] = ("answer incomplete", f"answer leaves {_cell(int(np.argmin(answers[i])))} blank")
         elif contradicted[i].any():
@@ -184,7 +186,8 @@ def read_sudoku_csv(path, min_difficulty=0, bad=None, need_answers=True, chunk_r
         kept.append((questions[good].astype(np.uint8), None if answers is None else answers[good].astype(np.uint8),
                      ratings[good], lines[good]))
 
-    for line, row in read_csv(path, ("question", "answer") if need_answers else ("question",), ("answer", "rating"), bad):
+    required = ("question", "answer") if need_answers else ("question",)
+    for line, row in read_csv(path, required, ("answer", "rating"), bad):
         if min_difficulty and "rating" not in row:
             raise DataError(f"{path} line 1: min_difficulty needs a rating column, the header has none")
         chunk.append((line, row))
@@ -254,17 +257,18 @@ def augment(questions, answers, num_aug, rng, show_progress=False):
 
 def default_name(subsample_size, num_aug, min_difficulty):
     """The original's naming: sudoku-extreme-1k-aug-1000, sudoku-extreme-full, ..."""
-    size = "full" if not subsample_size else f"{subsample_size // 1000}k" if subsample_size % 1000 == 0 else str(subsample_size)
-    return f"sudoku-extreme-{size}" + (f"-diff-{min_difficulty}" if min_difficulty else "") + (f"-aug-{num_aug}" if num_aug else "")
+    size = "full" if not subsample_size else \
+        f"{subsample_size // 1000}k" if subsample_size % 1000 == 0 else str(subsample_size)
+    return (f"sudoku-extreme-{size}" + (f"-diff-{min_difficulty}" if min_difficulty else "")
+            + (f"-aug-{num_aug}" if num_aug else ""))
 
 
 def build_dataset(train_path, test_path, out_path, subsample_size=0, min_difficulty=0, num_aug=0, seed=0,
                   skip_bad=False, show_progress=False, log=print):
     """Read and check both CSVs, subsample and augment the training puzzles, write the dataset atomically
     (dataset.write_dataset). Returns the bytes written. Raises DataError for bad input."""
-    for key, value in dict(num_aug=num_aug, subsample_size=subsample_size, min_difficulty=min_difficulty, seed=seed).items():
-        if value < 0:
-            raise DataError(f"{key}={value}: must be >= 0")
+    counts = dict(num_aug=num_aug, subsample_size=subsample_size, min_difficulty=min_difficulty, seed=seed)
+    check_ranges(counts, [(key, value >= 0, ">= 0") for key, value in counts.items()])
     rng, splits = np.random.default_rng(seed), {}
     for split, path in (("train", train_path), ("test", test_path)):
         bad = BadRows(skip_bad)

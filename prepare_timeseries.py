@@ -33,7 +33,7 @@ import xml.sax.saxutils
 
 import numpy as np
 
-from dataset import (CALENDAR, DataError, Windows, dataset_path, download, exit_cleanly, human_bytes, read_csv,
+from dataset import (CALENDAR, DataError, Windows, dataset_path, download_once, exit_cleanly, human_bytes, read_csv,
                      resolve_input, write_series)
 
 # -----------------------------------------------------------------------------
@@ -156,6 +156,8 @@ def split_borders(spec, rows, step_seconds):
     rounded down, validation the rest), or three increasing row numbers."""
     parts = [p.strip() for p in spec.split(",")]
     if spec == "ett":
+        if step_seconds <= 0:
+            raise DataError("borders='ett' needs at least two time steps to know their spacing")
         per_month = 30 * 24 * 3600 / step_seconds
         if per_month != int(per_month):
             raise DataError(f"borders='ett': a time step of {step_seconds} s does not divide a day")
@@ -235,11 +237,7 @@ def main():
         if kind == "ett":
             if ett not in ETT_FILES:
                 raise DataError(f"ett={ett!r}: must be one of {', '.join(ETT_FILES)}")
-            path = os.path.join(download_dir, f"{ett}.csv")
-            if os.path.exists(path):
-                print(f"using {path} (downloaded before; delete it to fetch again)")
-            else:
-                download(f"{ett_url}/{ett}.csv", path, show_progress=progress)
+            path = download_once(ett_url, download_dir, (f"{ett}.csv",), show_progress=progress)[0]
         timestamps, values, names = read_series(path, date_column, [c.strip() for c in columns.split(",") if c.strip()],
                                                 fill)
         build.update(csv=os.path.abspath(path))
@@ -399,19 +397,6 @@ def format_step(seconds):
         if seconds >= size and seconds % size == 0:
             return f"{seconds // size} {unit}"
     return f"{seconds} s"
-
-
-def write_text(path, text):
-    """Write a file atomically: a temporary file beside it, renamed into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 if __name__ == "__main__":

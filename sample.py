@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, SeriesData, Windows, exit_cleanly, window_batches
+from dataset import BadRows, DataError, SeriesData, Windows, exit_cleanly, window_batches, write_text_atomically
 from model import build_model, check_device, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -88,7 +88,12 @@ def load_model():
     if halt_max_steps > 0:
         model.config.halt_max_steps = halt_max_steps  # ACT can think longer than it was trained to
     model.to(device).eval()
-    return checkpoint.get('task') or 'sudoku', model, torch.compile(model) if compile else model
+    # a dataset built by the original code names no task: its Sudoku is recognised by its shape
+    task = checkpoint.get('task') or ('sudoku' if checkpoint['model_args'].get('seq_len') == 81 else None)
+    if task not in TASKS:
+        raise DataError(f"{out_dir}/ckpt.pt was trained on a {task or 'unnamed'} dataset; sample.py runs models of "
+                        f"the tasks {', '.join(TASKS)}")
+    return task, model, torch.compile(model) if compile else model
 
 
 @torch.no_grad()
@@ -118,9 +123,12 @@ def sudoku(model, forward):
             print(f"sample.py: --puzzle: {e}")
             errors += 1
     if puzzles:
-        with open(puzzles, encoding='utf-8-sig') as f:
-            is_csv = 'question' in f.readline().split(',')
-        if is_csv:  # the builder's reader and checks; bad rows are counted
+        try:
+            with open(puzzles, encoding='utf-8-sig') as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{puzzles}: not UTF-8 text ({e.reason})") from None
+        if lines and 'question' in [field.strip() for field in lines[0].split(',')]:  # a CSV: the builder's reader
             bad = BadRows(skip_bad=True)
             try:
                 questions, answers, _, lines = ps.read_sudoku_csv(puzzles, bad=bad, need_answers=False)
@@ -133,14 +141,13 @@ def sudoku(model, forward):
                 print(f"sample.py: {line}")
             errors += sum(bad.counts.values())
         else:
-            with open(puzzles, encoding='utf-8-sig') as f:
-                for line, text in enumerate(f, start=1):
-                    try:
-                        if text.strip():
-                            entries.append((f"{puzzles} line {line}", ps.parse_puzzle(text), None))
-                    except ValueError as e:
-                        print(f"sample.py: {puzzles} line {line}: {e}")
-                        errors += 1
+            for line, text in enumerate(lines, start=1):
+                try:
+                    if text.strip():
+                        entries.append((f"{puzzles} line {line}", ps.parse_puzzle(text), None))
+                except ValueError as e:
+                    print(f"sample.py: {puzzles} line {line}: {e}")
+                    errors += 1
     entries = entries[:max_puzzles] if max_puzzles > 0 else entries
     if not entries:
         raise DataError(f"no puzzle could be read ({errors} had errors)" if errors else
@@ -212,13 +219,14 @@ def solve_mazes(model, forward):
 def arc(model, forward):
     import prepare_arc as pa
     if not arc_task:
-        raise DataError("give --arc_task=<a task's JSON file> or --arc_task=<a task id of the dataset's evaluation set>")
+        raise DataError("give --arc_task=<a task's JSON file>, or the id of a task in the dataset's evaluation set")
     data_dir = os.path.join('data', dataset)
     identifiers = pa.read_identifiers(data_dir)
     if identifiers and len(identifiers) != model.config.num_puzzle_identifiers:
         raise DataError(f"{data_dir} has {len(identifiers):,} puzzle identifiers, the model "
                         f"{model.config.num_puzzle_identifiers:,}: not the dataset it trained on (set --dataset)")
-    task = pa.read_task_file(arc_task) if os.path.isfile(arc_task) else pa.task_from_dataset(data_dir, arc_task, identifiers)
+    task = pa.read_task_file(arc_task) if os.path.isfile(arc_task) else \
+        pa.task_from_dataset(data_dir, arc_task, identifiers)
     variants = [(i, *pa.parse_name(n)[1:]) for i, n in enumerate(identifiers)
                 if n.startswith(task.id) and pa.parse_name(n)[0] == task.id]  # (puzzle identifier, transform, colours)
     if not variants:
@@ -254,8 +262,8 @@ def arc(model, forward):
             titles = [f"input {shape(x)}"] + [f"attempt {a + 1}: {votes}/{len(variants)} votes, q {q:.2f}"
                                               for a, (_, votes, q) in enumerate(ranked)]
             grids = [x] + [grid for grid, _, _ in ranked] + [None] * (2 - len(ranked))
-            print(pa.format_grids(grids + [answer], titles + ['no attempt'] * (2 - len(ranked)) + [f"answer {shape(answer)}"],
-                                  colour))
+            titles += ['no attempt'] * (2 - len(ranked)) + [f"answer {shape(answer)}"]
+            print(pa.format_grids(grids + [answer], titles, colour))
     if all(answer is not None for _, answer in task.tests):
         print(f"\n{right}/{len(task.tests)} test input(s) right within two attempts")
 
@@ -292,7 +300,7 @@ def timeseries(model, forward):
         real = lambda values: values[0, :, j] * series.std[j] + series.mean[j]
         origin = series.timestamps[windows.starts[i] + config.input_len]
         step = pt.format_step(series.meta.get('step_seconds', 0))
-        pt.write_text(plot, pt.forecast_svg(real(history), real(forecasts[i:i + 1]), real(truth),
+        write_text_atomically(plot, pt.forecast_svg(real(history), real(forecasts[i:i + 1]), real(truth),
                                             f"{column}: {split} window {i}, forecast from {origin}", column,
                                             f"time steps of {step} from the forecast's start"))
         print(f"wrote {plot}: window {i} of {split}, {column}")

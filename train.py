@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 import torch
@@ -26,10 +27,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, exit_cleanly,
-                     remove_stale_temp_files, test_batches, window_batches)
-from model import (Carry, WeightEMA, build_model, check_device, check_ranges, load_checkpoint,
-                   load_reference_checkpoint)
+from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, check_ranges,
+                     exit_cleanly, remove_stale_temp_files, test_batches, window_batches, write_atomically,
+                     write_text_atomically)
+from model import Carry, WeightEMA, build_model, check_device, load_checkpoint, load_reference_checkpoint
 
 exit_cleanly('train.py')  # bad input (data, checkpoint, config) ends the run with one line, not a traceback
 run_start = time.time()  # max_minutes counts from here
@@ -124,12 +125,14 @@ config = {k: globals()[k] for k in config_keys}
 # the loop's values are checked here, the model's and optimizers' where HRMConfig and configure_optimizers read them
 _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs > 0, '> 0'),
           ('eval_interval', eval_interval > 0, '> 0'), ('log_interval', log_interval > 0, '> 0'),
-          ('max_steps', max_steps >= 0, '>= 0 (0 = the whole schedule)'), ('eval_max_examples', eval_max_examples >= 0, '>= 0'),
+          ('max_steps', max_steps >= 0, '>= 0 (0 = the whole schedule)'),
+          ('eval_max_examples', eval_max_examples >= 0, '>= 0'),
           ('seed', seed >= 0, '>= 0'), ('warmup_steps', warmup_steps >= 0, '>= 0'),
           ('lr_min_ratio', 0 <= lr_min_ratio <= 1, 'in [0, 1]'), ('grad_clip', grad_clip >= 0, '>= 0'),
           ('max_minutes', max_minutes >= 0, '>= 0 (0 = no budget)'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
           ('init_from', init_from in ('scratch', 'resume', 'reference'), "'scratch', 'resume' or 'reference'"),
-          ('reference_checkpoint', init_from != 'reference' or reference_checkpoint, "a path with init_from='reference'"),
+          ('reference_checkpoint', init_from != 'reference' or reference_checkpoint,
+           "a path with init_from='reference'"),
           ('dtype', dtype in ('float32', 'bfloat16', 'float16'), "'float32', 'bfloat16' or 'float16'"),
           ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
 check_ranges(globals(), _rules)
@@ -189,7 +192,7 @@ stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
 model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
                   num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings, halt_max_steps=halt_max_steps,
                   halt_exploration_prob=halt_exploration_prob, act_continue=act_continue, forward_dtype=dtype)
-iter_num, budget_resumed = 0, False
+iter_num, eval_seconds = 0, 0.0
 torch.manual_seed(seed)  # the same initial weights in every process
 if init_from == 'reference':
     model = load_reference_checkpoint(reference_checkpoint, model_args)
@@ -203,10 +206,14 @@ if checkpoint is not None:
                             f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
-    if max_minutes > 0 and checkpoint.get('budget'):  # a budgeted run keeps its fitted schedule and its clock
-        total_steps = stop_step = checkpoint['budget']['total_steps']
-        run_start -= 60 * checkpoint['budget']['minutes']
-        budget_resumed = True
+    if max_minutes > 0 and checkpoint.get('budget') and not eval_only:  # its schedule and its clock go on
+        budget = checkpoint['budget']
+        if 60 * (max_minutes - budget['minutes']) <= budget['eval_seconds']:
+            raise DataError(f"{ckpt_path}: the run has used {budget['minutes']:.1f} of its max_minutes={max_minutes}: "
+                            f"nothing to train; raise max_minutes, or evaluate with --eval_only=True")
+        total_steps, eval_seconds = budget['total_steps'], budget['eval_seconds']
+        run_start -= 60 * budget['minutes']
+        stop_step = max(iter_num + FIT_STEPS, min(total_steps, max_steps) if max_steps > 0 else total_steps)
     if iter_num >= stop_step and not eval_only:
         raise DataError(f"{ckpt_path} is at step {iter_num:,}, the end of this run ({stop_step:,} steps): nothing to "
                         f"train; raise max_steps or epochs, or evaluate with --eval_only=True")
@@ -245,7 +252,7 @@ if ddp:
                 broadcast_buffers=False)
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    remove_stale_temp_files(out_dir)
+    remove_stale_temp_files(out_dir, ('ckpt.pt', 'eval_log.jsonl', 'submission.json'))
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {described}; {stop_step:,} steps of "
           f"{global_batch_size} on {world_size} process(es), {device}, {dtype}")
     if device_type == 'cpu' and raw_model.get_num_params() > 5e6:
@@ -297,10 +304,9 @@ def save_checkpoint():
                           sparse_optimizer=sparse_optimizer.state_dict() if sparse_optimizer else None,
                           loader=train_batches.state_dict(), carry=saved_carry, rng=rngs, world_size=world_size,
                           ema=ema.state_dict() if ema else None,
-                          budget=dict(total_steps=total_steps, minutes=minutes()) if max_minutes > 0 else None)
-        tmp = f"{ckpt_path}.tmp-{os.getpid()}"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, ckpt_path)
+                          budget=dict(total_steps=total_steps, minutes=minutes(), eval_seconds=eval_seconds)
+                          if max_minutes > 0 else None)
+        write_atomically(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 @torch.no_grad()
@@ -370,13 +376,12 @@ def trim_eval_log(step):
     """The log holds this run's evaluations up to its checkpoint: drop the lines after `step` (a run killed
     between logging an evaluation and saving its checkpoint, or an earlier run that saved none) and a line
     cut short, so a resumed run does not repeat them."""
-    path, tmp = os.path.join(out_dir, 'eval_log.jsonl'), os.path.join(out_dir, f'eval_log.jsonl.tmp-{os.getpid()}')
+    path = os.path.join(out_dir, 'eval_log.jsonl')
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if line.endswith('}\n') and json.loads(line)['step'] <= step]
-        with open(tmp, 'w') as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
+            lines = [line for line in f if re.fullmatch(r'\{"step": (\d+), .*\}\n', line, re.S)
+                     and int(line[9:line.index(',')]) <= step]
+        write_text_atomically(path, ''.join(lines))
 
 
 if wandb_log and master_process:
@@ -398,8 +403,8 @@ raw_model.train()
 log_sums, first_bad_step = None, torch.full((), -1, device=device)
 progress = tqdm(total=stop_step, initial=iter_num, disable=not master_process, desc='train')
 t0, t0_step = time.time(), iter_num
-start_step, eval_seconds = iter_num, 0.0
-fit_step = start_step + FIT_STEPS if max_minutes > 0 and not budget_resumed else None  # the first fit of the budget
+start_step = iter_num
+fit_step = start_step + FIT_STEPS if max_minutes > 0 else None  # a budget is (re)fitted here, after compilation
 while iter_num < stop_step:
     batch = to_device(next(train_batches))
     if carry is None:
@@ -425,8 +430,7 @@ while iter_num < stop_step:
     values = torch.stack([metrics[k].float() for k in sorted(metrics)])
     log_sums = values if log_sums is None else log_sums + values
 
-    # a budgeted run also ends when the final evaluation would no longer fit
-    last = iter_num == stop_step or (max_minutes > 0 and time.time() - run_start + eval_seconds > 60 * max_minutes)
+    last = iter_num == stop_step
     evaluating = iter_num % eval_interval == 0 or last or iter_num == fit_step
     if iter_num % log_interval == 0 or evaluating:
         if world_size > 1:
@@ -441,7 +445,15 @@ while iter_num < stop_step:
         # losses are over every sequence of every step, the other metrics over the sequences that halted
         stats = {k: v / (global_batch_size * steps_logged if k.endswith('loss') else max(sums['count'], 1))
                  for k, v in sums.items() if k != 'count'}
-        dt = (time.time() - t0) / steps_logged if iter_num != fit_step else (time.time() - fit_started) / (FIT_STEPS - 5)
+        dt = (time.time() - t0) / steps_logged if iter_num != fit_step else \
+            (time.time() - fit_started) / (FIT_STEPS - 5)  # the fit times the steps after compilation
+        if max_minutes > 0 and not last:  # a budgeted run also ends where another log interval would not fit
+            out_of_time = torch.tensor(time.time() - run_start + eval_seconds + dt * log_interval > 60 * max_minutes,
+                                       device=device)
+            if world_size > 1:  # every process follows the first's clock, or their collectives would part
+                dist.broadcast(out_of_time, 0)
+            if out_of_time.item():
+                stop_step, last, evaluating = iter_num, True, True
         if master_process:
             tqdm.write(f"step {iter_num} ({minutes():.1f} min): " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items())
                        + f", lr {lr_scale * learning_rate:.2e}, {dt * 1000:.1f} ms/step, "
@@ -452,6 +464,8 @@ while iter_num < stop_step:
         log_sums, t0, t0_step = None, time.time(), iter_num
     if evaluating:
         eval_seconds = log_eval(iter_num)
+        if fit_step and start_step + 5 <= iter_num < fit_step:
+            fit_started += eval_seconds  # the fit times steps, not evaluations
         if max_minutes > 0 and not last:  # fit (after each evaluation, refit) the schedule to the budget left
             total_steps = max(iter_num + 1, fit_schedule(dt, eval_seconds))
             stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps

@@ -1,4 +1,4 @@
-# A few CPU minutes: a small forecasting HRM on the synthetic series (`python prepare_timeseries.py` builds
+# About a minute on a CPU: a small forecasting HRM on the synthetic series (`python prepare_timeseries.py` builds
 # it), 96 hours of history -> the next 24. It should beat the last-value forecast by far and come near
 # DLinear, which train.py prints beside it. `python train.py config/timeseries_tiny.py`
 out_dir = 'out-timeseries-tiny'
