@@ -393,8 +393,11 @@ class PuzzleData:
             if not ok:
                 raise DataError(where + message)
 
-    def batch(self, rows, puzzles, pad_to):
-        """Arrays for the examples `rows` of puzzles `puzzles`, padded to pad_to sequences that score nothing."""
+    def batch(self, rows, pad_to, puzzles=None):
+        """Arrays for the examples `rows` of puzzles `puzzles` (found from the rows when not given), padded to
+        pad_to sequences that score nothing."""
+        if puzzles is None:
+            puzzles = np.searchsorted(self.puzzle_indices, rows, side="right") - 1
         pad = pad_to - len(rows)
         inputs = np.pad(self.inputs[rows].astype(np.int32), ((0, pad), (0, 0)), constant_values=self.meta["pad_id"])
         labels = self.labels[rows].astype(np.int32)
@@ -454,16 +457,16 @@ class TrainBatches:
             if self.position == d.num_groups:
                 self.epoch, self.position = self.epoch + 1, 0
         rows, puzzles = np.concatenate(rows), np.concatenate(puzzles)
-        return d.batch(rows[self.local], puzzles[self.local], pad_to=self.local.stop - self.local.start)
+        return d.batch(rows[self.local], self.local.stop - self.local.start, puzzles[self.local])
 
 
-def test_batches(data, num_examples, global_batch_size, rank, world_size):
-    """The first num_examples of a split in order, in global batches; the last one padded."""
+def eval_batches(data, num_examples, global_batch_size, rank, world_size):
+    """The first num_examples of a split (a PuzzleData's examples, a series' Windows) in order, in global
+    batches; the last one padded. Row start + i is position i of the global batch gathered from the processes."""
     local = global_batch_size // world_size
     for start in range(0, num_examples, global_batch_size):
         rows = np.arange(start + rank * local, min(start + (rank + 1) * local, num_examples))
-        puzzles = np.searchsorted(data.puzzle_indices, rows, side="right") - 1
-        yield data.batch(rows, puzzles, pad_to=local)
+        yield data.batch(rows, pad_to=local)
 
 
 # -----------------------------------------------------------------------------
@@ -643,11 +646,3 @@ class WindowBatches(TrainBatches):
                 self.epoch, self.position = self.epoch + 1, 0
         rows = np.concatenate(rows)[self.local]
         return self.data.batch(rows, pad_to=len(rows))
-
-
-def window_batches(windows, num_examples, global_batch_size, rank, world_size):
-    """The first num_examples windows in order, in global batches, as test_batches serves a split."""
-    local = global_batch_size // world_size
-    for start in range(0, num_examples, global_batch_size):
-        rows = np.arange(start + rank * local, min(start + (rank + 1) * local, num_examples))
-        yield windows.batch(rows, pad_to=local)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, SeriesData, Windows, exit_cleanly, window_batches, write_text_atomically
+from dataset import BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, write_text_atomically
 from model import build_model, check_device, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def timeseries(model, forward):
     if plot and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
         raise DataError(f"plot={plot!r}: no such directory")
     forecasts = []
-    for batch in tqdm(window_batches(windows, n, batch_size, 0, 1), desc='forecasting', total=math.ceil(n / batch_size),
+    for batch in tqdm(eval_batches(windows, n, batch_size, 0, 1), desc='forecasting', total=math.ceil(n / batch_size),
                       disable=quiet):
         _, outputs = model.run_to_halt(forward, {k: torch.from_numpy(v).to(device) for k, v in batch.items()})
         forecasts.append(model.predictions(outputs).float().cpu().numpy())

@@ -960,7 +960,7 @@ def test_puzzle_data_round_trip(tmp_path):
     arrays = tiny_arrays()
     assert np.array_equal(data.inputs, arrays["inputs"]) and data.num_groups == 3 and data.num_examples == 6
     assert data.meta["task"] == "sudoku"
-    batch = data.batch(np.array([0, 5]), np.array([0, 5]), pad_to=4)
+    batch = data.batch(np.array([0, 5]), 4, np.array([0, 5]))
     assert batch["inputs"].shape == (4, 4) and (batch["labels"][2:] == dataset.IGNORE_LABEL_ID).all()
 
 
@@ -2571,7 +2571,7 @@ def test_window_batches_resume_and_split_between_processes(tmp_path):
     for batch in batches:
         parts = [next(h) for h in halves]
         assert np.array_equal(np.concatenate([p["inputs"] for p in parts]), batch["inputs"])
-    evaluation = list(dataset.window_batches(dataset.Windows(series, "test", 24, 8), 33, 16, 1, 2))
+    evaluation = list(dataset.eval_batches(dataset.Windows(series, "test", 24, 8), 33, 16, 1, 2))
     assert [b["valid"].sum() for b in evaluation] == [8, 8, 0]  # rows 8-15, 24-31, then padding
 
 
@@ -3015,7 +3015,7 @@ def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
     # the evaluation of the loaded weights equals this model's own
     model.eval()
     test = dataset.PuzzleData(os.path.join(reverse_task, "data", "reverse", "test"))
-    batch = {k: torch.from_numpy(v) for k, v in test.batch(np.arange(16), np.arange(16), 16).items()}
+    batch = {k: torch.from_numpy(v) for k, v in test.batch(np.arange(16), 16).items()}
     carry = model.initial_carry(batch)
     with torch.no_grad():
         for _ in range(3):

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, check_ranges,
-                     exit_cleanly, remove_stale_temp_files, test_batches, window_batches, write_atomically,
+                     eval_batches, exit_cleanly, remove_stale_temp_files, write_atomically,
                      write_text_atomically)
 from model import Carry, WeightEMA, build_model, check_device, load_checkpoint, load_reference_checkpoint
 
@@ -166,7 +166,7 @@ if os.path.isfile(os.path.join(data_dir, 'dataset.json')):  # a time series: win
     series = SeriesData(data_dir)
     meta, train_data = series.meta, Windows(series, 'train', input_len, horizon)
     train_batches = WindowBatches(train_data, global_batch_size, rank, world_size, seed)
-    eval_sets = {split: (Windows(series, split, input_len, horizon), window_batches) for split in ('val', 'test')}
+    eval_sets = {split: Windows(series, split, input_len, horizon) for split in ('val', 'test')}
     model_args = dict(num_features=series.num_features, input_len=input_len, horizon=horizon, layout=ts_layout,
                       head=ts_head, patch_len=patch_len, loss_type=ts_loss, halt_tolerance=halt_tolerance)
     examples_per_epoch = train_data.num_examples
@@ -176,7 +176,7 @@ else:  # puzzles: examples in train/ and test/
     test_data = PuzzleData(os.path.join(data_dir, 'test'))
     meta = train_data.meta
     train_batches = TrainBatches(train_data, global_batch_size, rank, world_size, seed)
-    eval_sets = {'test': (test_data, test_batches)}
+    eval_sets = {'test': test_data}
     model_args = dict(vocab_size=meta['vocab_size'], seq_len=meta['seq_len'], batch_size=batch_size,
                       num_puzzle_identifiers=meta['num_puzzle_identifiers'], puzzle_emb_ndim=puzzle_emb_ndim,
                       loss_type=loss_type)
@@ -317,10 +317,10 @@ def evaluate():
     model_in_eval = model.module if ddp else model
     raw_model.eval()
     result = {}
-    for split, (data, batches) in eval_sets.items():
+    for split, data in eval_sets.items():
         num_eval = data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, data.num_examples)
         sums, predictions, q_halt = None, [], []
-        for batch in tqdm(batches(data, num_eval, global_batch_size, rank, world_size), desc=f'eval {split}',
+        for batch in tqdm(eval_batches(data, num_eval, global_batch_size, rank, world_size), desc=f'eval {split}',
                           total=math.ceil(num_eval / global_batch_size), disable=not master_process, leave=False):
             metrics, outputs = raw_model.run_to_halt(model_in_eval, to_device(batch))
             values = torch.stack([metrics[k].float() for k in sorted(metrics)])
