@@ -365,24 +365,33 @@ def test_losses():
 
 
 def test_adam_atan2_matches_its_definition():
+    # several tensors updated together; one has no gradient at the first step, so its bias correction lags
     torch.manual_seed(0)
     lr, (beta1, beta2), wd = 3e-3, (0.9, 0.95), 0.5
-    p = torch.randn(4, 5, requires_grad=True)
-    reference, m, v = p.detach().double().clone(), torch.zeros(4, 5).double(), torch.zeros(4, 5).double()
-    optimizer = AdamAtan2([p], lr=lr, betas=(beta1, beta2), weight_decay=wd)
-    for t in range(1, 6):
-        g = torch.randn(4, 5)
-        g[0, 0] = 0.0  # a zero gradient: atan2(0, 0) = 0, where Adam would divide by epsilon
-        p.grad = g.clone()
+    shapes = [(4, 5), (3,), (2, 2)]
+    params = [torch.randn(shape, requires_grad=True) for shape in shapes]
+    reference = [p.detach().double().clone() for p in params]
+    m, v, t = [torch.zeros(s).double() for s in shapes], [torch.zeros(s).double() for s in shapes], [0, 0, 0]
+    optimizer = AdamAtan2(params, lr=lr, betas=(beta1, beta2), weight_decay=wd)
+    for step in range(1, 6):
+        for k, p in enumerate(params):
+            if step == 1 and k == 2:
+                p.grad = None
+                continue
+            g = torch.randn(shapes[k])
+            g.view(-1)[0] = 0.0  # a zero gradient: atan2(0, 0) = 0, where Adam would divide by epsilon
+            p.grad = g.clone()
+            g, t[k] = g.double(), t[k] + 1
+            m[k] = beta1 * m[k] + (1 - beta1) * g
+            v[k] = beta2 * v[k] + (1 - beta2) * g * g
+            m_hat, v_hat = m[k] / (1 - beta1 ** t[k]), v[k] / (1 - beta2 ** t[k])
+            flat, m_flat, v_flat = reference[k].view(-1), m_hat.view(-1), v_hat.view(-1)
+            for i in range(flat.numel()):
+                flat[i] = flat[i] * (1 - lr * wd) - lr * math.atan2(m_flat[i], math.sqrt(v_flat[i]))
         optimizer.step()
-        g = g.double()
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
-        m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
-        for i in range(4):
-            for j in range(5):
-                reference[i, j] = reference[i, j] * (1 - lr * wd) - lr * math.atan2(m_hat[i, j], math.sqrt(v_hat[i, j]))
-        assert torch.allclose(p.detach().double(), reference, atol=1e-6), f"step {t}"
+        for k, p in enumerate(params):
+            assert torch.allclose(p.detach().double(), reference[k], atol=1e-6), f"step {step}, tensor {k}"
+    assert [optimizer.state[p]["step"] for p in params] == [5, 5, 4]
 
 
 def test_raising_halt_max_steps_at_inference():
