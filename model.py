@@ -205,6 +205,7 @@ class HRMConfig:
     halt_max_steps: int = 16        # ACT segments at most; may be raised at inference
     halt_exploration_prob: float = 0.1
     act_continue: bool = True       # Q-continue learnt from a bootstrapped second pass; False: halt at Q-halt > 0
+    halt_adaptive: bool = False     # in evaluation too, each sequence halts where its Q head says (training always)
     forward_dtype: str = "bfloat16"
     loss_type: str = "stablemax"    # 'stablemax' or 'softmax'
 
@@ -373,10 +374,12 @@ class HRM(nn.Module):
             steps = steps + 1
             is_last_step = steps >= config.halt_max_steps
             halted = is_last_step
-            # in evaluation every sequence runs halt_max_steps segments, so a batch halts together
-            if self.training and config.halt_max_steps > 1:
+            # in evaluation every sequence runs halt_max_steps segments, so a batch halts together, unless
+            # halt_adaptive lets the Q head decide there as in training (model.solve then refills the batch)
+            if (self.training or config.halt_adaptive) and config.halt_max_steps > 1:
                 # without Q-continue (TRM's simplification: half the forward passes) halting needs Q-halt > 0
                 halted = halted | (q_halt_logits > (q_continue_logits if config.act_continue else 0))
+            if self.training and config.halt_max_steps > 1:
                 # exploration: with probability halt_exploration_prob, a random minimum number of segments
                 explore = torch.rand_like(q_halt_logits) < config.halt_exploration_prob
                 min_halt_steps = explore * torch.randint_like(steps, low=2, high=config.halt_max_steps + 1)
@@ -404,6 +407,35 @@ class HRM(nn.Module):
             carry, _, metrics, outputs = forward(carry, batch)
             if carry.halted.all():
                 return metrics, outputs
+
+    @torch.no_grad()
+    def solve(self, forward, inputs, puzzle_identifiers, batch_size):
+        """Every input through ACT segments, batch_size at a time, all on the device: a slot whose input halted
+        takes the next one, as in training, so with config.halt_adaptive the batch works only on unfinished
+        inputs. forward: this model (in eval mode) or its compiled version; inputs (N, seq_len) and
+        puzzle_identifiers (N,) on the model's device. Returns the predicted tokens (N, seq_len) uint8, the
+        Q head's final halting probability (N,) and the segments each input ran (N,)."""
+        N, B = inputs.shape[0], min(batch_size, inputs.shape[0])
+        data = dict(inputs=inputs, puzzle_identifiers=puzzle_identifiers)
+        # row N of the results takes what the slots without an input (at the end) produce
+        predictions = torch.zeros(N + 1, inputs.shape[1], dtype=torch.uint8, device=inputs.device)
+        q_halt = torch.zeros(N + 1, device=inputs.device)
+        segments = torch.zeros(N + 1, dtype=torch.int32, device=inputs.device)
+        slot = torch.full((B,), N, device=inputs.device)  # the input each slot holds; N: none
+        handed_out, finished = torch.zeros((), dtype=torch.long, device=inputs.device), 0
+        carry = self.initial_carry({k: v[:B] for k, v in data.items()})
+        while finished < N:
+            for _ in range(self.config.halt_max_steps):  # between two syncs: the GPU is never left waiting
+                fresh = carry.halted
+                slot = torch.where(fresh, (handed_out + fresh.cumsum(0) - 1).clamp(max=N), slot)
+                handed_out = handed_out + fresh.sum()
+                carry, _, _, outputs = forward(carry, {k: v[slot.clamp(max=N - 1)] for k, v in data.items()})
+                row = torch.where(carry.halted, slot, N)
+                predictions[row] = outputs["logits"].argmax(-1).to(torch.uint8)
+                q_halt[row] = torch.sigmoid(outputs["q_halt_logits"])
+                segments[row] = carry.steps
+            finished = int(handed_out.clamp(max=N) - ((slot < N) & ~carry.halted).sum())  # handed out, halted
+        return predictions[:N], q_halt[:N], segments[:N]
 
     def predictions(self, outputs):
         """What a task's evaluate reads: the predicted tokens (B, seq_len), uint8."""

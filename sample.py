@@ -6,8 +6,11 @@ $ python sample.py --out_dir=out-sudoku --puzzle="4.....8.5.3..........7......2.
 $ python sample.py --out_dir=out-sudoku --puzzles=my_puzzles.txt      # one 81-character puzzle per line
 $ python sample.py --out_dir=out-sudoku --puzzles=test.csv            # Sudoku-Extreme CSV: answers are scored
 $ python sample.py --out_dir=out-sudoku --puzzle=... --show_steps=True --halt_max_steps=32
+$ python sample.py --out_dir=out-sudoku --puzzles=test.csv --quiet=True --compile=True --halt_adaptive=True
 
-A Sudoku is 81 characters, row by row, '.' or '0' for a blank. An input that cannot be read (wrong length,
+Inputs stream through batch_size slots on the GPU, each running halt_max_steps segments, or with
+--halt_adaptive=True until its Q head says halt (a freed slot takes the next input); the summary gives
+inputs per second and the mean number of segments. A Sudoku is 81 characters, row by row, '.' or '0' for a blank. An input that cannot be read (wrong length,
 other characters, clues that already conflict, an answer that does not solve it) gets a one-line error and
 the others are still solved; the exit status is non-zero when none could be.
 
@@ -42,6 +45,7 @@ forecast and truth of one variable as an SVG chart that a browser opens.
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -59,6 +63,7 @@ maze = ''                   # Maze: one maze (size*size characters), a text file
 max_puzzles = 0             # if > 0, solve only the first this-many
 halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with)
 show_steps = False          # print the board after every segment with the Q head's halting probability
+halt_adaptive = False       # each input stops where its Q head says halt, as in training (else halt_max_steps)
 arc_task = ''               # ARC: a task's JSON file, or the id of a task in the dataset's evaluation set
 batch_size = 256
 quiet = False               # with many inputs: print only errors and the score
@@ -69,7 +74,7 @@ window = -1                 # time series: the window to draw, its index in the 
 variable = ''               # time series: the variable (column) to draw; '' = the last one (OT for ETT)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
-compile = False
+compile = False             # torch.compile the model (worth it for thousands of inputs on a GPU)
 config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
 # -----------------------------------------------------------------------------
 
@@ -87,6 +92,7 @@ def load_model():
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     if halt_max_steps > 0:
         model.config.halt_max_steps = halt_max_steps  # ACT can think longer than it was trained to
+    model.config.halt_adaptive = halt_adaptive
     model.to(device).eval()
     # a dataset built by the original code names no task: its Sudoku is recognised by its shape
     task = checkpoint.get('task') or ('sudoku' if checkpoint['model_args'].get('seq_len') == 81 else None)
@@ -98,19 +104,36 @@ def load_model():
 
 @torch.no_grad()
 def run(model, forward, tokens, puzzle_identifiers=None):
-    """Tokens (N, seq_len) -> predicted tokens after every segment (segments, N, seq_len) and the Q head's
-    halting probabilities (segments, N). puzzle_identifiers (N,): the trained puzzle embeddings to use (the
-    blank one, 0, by default)."""
+    """Tokens (N, seq_len) -> the predicted tokens (segments, N, seq_len) and the Q head's halting
+    probabilities (segments, N) after the last segment only (segments = 1), or after every segment with
+    show_steps; and the segments each input ran (N,). puzzle_identifiers (N,): the trained puzzle embeddings
+    to use (the blank one, 0, by default)."""
     ids = np.zeros(len(tokens), np.int32) if puzzle_identifiers is None else np.asarray(puzzle_identifiers, np.int32)
-    batch = dict(inputs=torch.from_numpy(tokens.astype(np.int32)).to(device),
-                 puzzle_identifiers=torch.from_numpy(ids).to(device))
-    carry, predictions, q_halt = model.initial_carry(batch), [], []
-    while True:
-        carry, _, _, outputs = forward(carry, batch)
-        predictions.append(outputs['logits'].argmax(-1).cpu().numpy())
-        q_halt.append(torch.sigmoid(outputs['q_halt_logits']).float().cpu().numpy())
-        if carry.halted.all():
-            return np.stack(predictions), np.stack(q_halt)
+    tokens, ids = torch.from_numpy(tokens.astype(np.int32)).to(device), torch.from_numpy(ids).to(device)
+    if show_steps:  # batch by batch, every segment of every input
+        history, q_halt = [], []
+        for start in tqdm(range(0, len(tokens), batch_size), desc='solving', disable=len(tokens) <= batch_size):
+            batch = dict(inputs=tokens[start:start + batch_size], puzzle_identifiers=ids[start:start + batch_size])
+            carry, history_b, q_halt_b = model.initial_carry(batch), [], []
+            while True:
+                carry, _, _, outputs = forward(carry, batch)
+                history_b.append(outputs['logits'].argmax(-1).cpu().numpy())
+                q_halt_b.append(torch.sigmoid(outputs['q_halt_logits']).float().cpu().numpy())
+                if carry.halted.all():
+                    break
+            history.append(np.stack(history_b))
+            q_halt.append(np.stack(q_halt_b))
+        history, q_halt = np.concatenate(history, 1), np.concatenate(q_halt, 1)
+        return history, q_halt, np.full(len(tokens), len(history))
+    if compile:  # compilation happens on the first call: do it before the clock starts
+        model.solve(forward, tokens[:batch_size], ids[:batch_size], batch_size)
+    started = time.time()
+    predictions, q_halt, segments = model.solve(forward, tokens, ids, batch_size)
+    predictions, q_halt, segments = predictions.cpu().numpy(), q_halt.cpu().numpy(), segments.cpu().numpy()
+    seconds = time.time() - started
+    print(f"{len(tokens):,} input(s) in {seconds:.2f} s ({len(tokens) / seconds:,.0f}/s), "
+          f"{segments.mean():.2f} segments on average" + (' (halting adaptively)' if halt_adaptive else ''))
+    return predictions[None], q_halt[None], segments
 
 
 def sudoku(model, forward):
@@ -153,26 +176,25 @@ def sudoku(model, forward):
         raise DataError(f"no puzzle could be read ({errors} had errors)" if errors else
                         "give --puzzle=<81 characters> or --puzzles=<file>")
     valid = scored = correct = 0
-    for start in tqdm(range(0, len(entries), batch_size), desc='solving', disable=quiet or len(entries) <= batch_size):
-        chunk = entries[start:start + batch_size]
-        tokens, q_halt = run(model, forward, ps.encode(np.stack([q for _, q, _ in chunk])))
-        boards = ps.decode(tokens)
-        problems = ps.grid_problems(np.stack([q for _, q, _ in chunk]), boards[-1])
-        for i, (name, question, answer) in enumerate(chunk):
-            final = boards[-1, i]
-            valid += problems[i] is None
-            matches = answer is not None and np.array_equal(final, answer)
-            scored, correct = scored + (answer is not None), correct + matches
-            if quiet:
-                continue
-            print(f"\n{name}\npuzzle:\n{ps.format_grid(question)}")
-            for step in range(len(boards) if show_steps else 0):
-                print(f"after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
-                      f"{ps.format_grid(boards[step, i])}")
-            verdict = 'a valid solution' if problems[i] is None else f'not a solution ({problems[i][1]})'
-            if answer is not None:
-                verdict += ', matches the answer' if matches else ', differs from the answer'
-            print(f"solution after {len(boards)} segments, {verdict}:\n{ps.format_grid(final)}")
+    questions = np.stack([q for _, q, _ in entries])
+    tokens, q_halt, segments = run(model, forward, ps.encode(questions))
+    boards = ps.decode(tokens)
+    problems = ps.grid_problems(questions, boards[-1])
+    for i, (name, question, answer) in enumerate(entries):
+        final = boards[-1, i]
+        valid += problems[i] is None
+        matches = answer is not None and np.array_equal(final, answer)
+        scored, correct = scored + (answer is not None), correct + matches
+        if quiet:
+            continue
+        print(f"\n{name}\npuzzle:\n{ps.format_grid(question)}")
+        for step in range(len(boards) if show_steps else 0):
+            print(f"after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
+                  f"{ps.format_grid(boards[step, i])}")
+        verdict = 'a valid solution' if problems[i] is None else f'not a solution ({problems[i][1]})'
+        if answer is not None:
+            verdict += ', matches the answer' if matches else ', differs from the answer'
+        print(f"solution after {segments[i]} segments, {verdict}:\n{ps.format_grid(final)}")
     print(f"\n{len(entries)} puzzle(s) through the model, {valid} answered with a valid Sudoku solution"
           + (f"; {errors} could not be read" if errors else ''))
     if scored:
@@ -192,24 +214,22 @@ def solve_mazes(model, forward):
         raise DataError(f"no maze could be read ({unread} had errors)")
     colour = sys.stdout.isatty() and not os.environ.get('NO_COLOR')
     valid = scored = correct = 0
-    for start in tqdm(range(0, len(entries), batch_size), desc='solving', disable=quiet or len(entries) <= batch_size):
-        chunk = entries[start:start + batch_size]
-        tokens, q_halt = run(model, forward, np.stack([q for _, q, _ in chunk]))
-        for i, (name, question, answer) in enumerate(chunk):
-            problem = pm.maze_problem(question, tokens[-1, i], side)
-            valid += problem is None
-            matches = answer is not None and np.array_equal(tokens[-1, i], answer)
-            scored, correct = scored + (answer is not None), correct + matches
-            if quiet:
-                continue
-            for step in range(len(tokens) - 1 if show_steps else 0):
-                print(f"\n{name}, after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
-                      f"{pm.render(question, tokens[step, i], side, colour)}")
-            verdict = 'a valid shortest path' if problem is None else f'not a valid shortest path ({problem[1]})'
-            if answer is not None:
-                verdict += ', the answer\'s path' if matches else ', not the answer\'s path'
-            print(f"\n{name}, after {len(tokens)} segments: {verdict}\n"
-                  f"{pm.render(question, tokens[-1, i], side, colour)}")
+    tokens, q_halt, segments = run(model, forward, np.stack([q for _, q, _ in entries]))
+    for i, (name, question, answer) in enumerate(entries):
+        problem = pm.maze_problem(question, tokens[-1, i], side)
+        valid += problem is None
+        matches = answer is not None and np.array_equal(tokens[-1, i], answer)
+        scored, correct = scored + (answer is not None), correct + matches
+        if quiet:
+            continue
+        for step in range(len(tokens) - 1 if show_steps else 0):
+            print(f"\n{name}, after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
+                  f"{pm.render(question, tokens[step, i], side, colour)}")
+        verdict = 'a valid shortest path' if problem is None else f'not a valid shortest path ({problem[1]})'
+        if answer is not None:
+            verdict += ', the answer\'s path' if matches else ', not the answer\'s path'
+        print(f"\n{name}, after {segments[i]} segments: {verdict}\n"
+              f"{pm.render(question, tokens[-1, i], side, colour)}")
     print(f"\n{len(entries)} maze(s) through the model, {valid} solved with a valid shortest path"
           + (f"; {unread} could not be read" if unread else ''))
     if scored:
@@ -242,12 +262,8 @@ def arc(model, forward):
             print(f"\n{pa.format_grids([x, y], [f'demonstration {j + 1}: {shape(x)}', f'-> {shape(y)}'], colour)}")
     tokens = np.stack([pa.encode(pa.transform(x, t, m)) for x, _ in task.tests for _, t, m in variants])
     ids = np.tile([i for i, _, _ in variants], len(task.tests))
-    predictions, q_halt = [], []
-    for start in tqdm(range(0, len(tokens), batch_size), desc='voting', disable=quiet or len(tokens) <= batch_size):
-        segments, q = run(model, forward, tokens[start:start + batch_size], ids[start:start + batch_size])
-        predictions.append(segments[-1])
-        q_halt.append(q[-1])
-    predictions, q_halt = np.concatenate(predictions), np.concatenate(q_halt)
+    predictions, q_halt, _ = run(model, forward, tokens, ids)
+    predictions, q_halt = predictions[-1], q_halt[-1]
     right = 0
     for j, (x, answer) in enumerate(task.tests):
         rows = range(j * len(variants), (j + 1) * len(variants))
@@ -314,6 +330,8 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     if batch_size < 1 or max_puzzles < 0 or halt_max_steps < 0:
         raise DataError("batch_size must be >= 1, max_puzzles and halt_max_steps >= 0")
+    if show_steps and halt_adaptive:
+        raise DataError("show_steps shows every segment of every input: leave halt_adaptive off with it")
     if puzzles and not os.path.isfile(puzzles):
         raise DataError(f"{puzzles}: no such file")
     check_device(device)

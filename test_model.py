@@ -394,6 +394,36 @@ def test_adam_atan2_matches_its_definition():
     assert [optimizer.state[p]["step"] for p in params] == [5, 5, 4]
 
 
+def test_solve_streams_inputs_through_the_batch():
+    # 11 inputs through 4 slots: at fixed depth every input gets what a batch of all of them gets; with
+    # halt_adaptive each stops at its own first halt (a Q head that halts some inputs early), and a slot it
+    # frees runs the next input from a fresh state
+    torch.manual_seed(0)
+    config = tiny_config(halt_max_steps=5)
+    model = HRM(config).eval()
+    with torch.no_grad():
+        model.q_head.weight.normal_(0, 1)
+        model.q_head.bias.zero_()
+    data = random_batch(config, batch_size=11, seed=3)
+    inputs, ids = data["inputs"], data["puzzle_identifiers"]
+    predictions, q_halt, segments = model.solve(model, inputs, ids, batch_size=4)
+    _, outputs = model.run_to_halt(model, dict(inputs=inputs, puzzle_identifiers=ids))
+    assert torch.equal(predictions, model.predictions(outputs)) and (segments == 5).all()
+    assert_close(q_halt, torch.sigmoid(outputs["q_halt_logits"]), "q_halt")
+
+    config.halt_adaptive = True
+    predictions, q_halt, segments = model.solve(model, inputs, ids, batch_size=4)
+    for i in range(11):
+        alone = dict(inputs=inputs[i:i + 1], puzzle_identifiers=ids[i:i + 1])
+        carry, steps = model.initial_carry(alone), 0
+        while not (steps and carry.halted.all()):
+            carry, _, _, outputs = model(carry, alone)
+            steps += 1
+        assert segments[i] == steps, f"input {i}"
+        assert torch.equal(predictions[i], model.predictions(outputs)[0]), f"input {i}"
+    assert 1 <= segments.min() < segments.max() <= 5, "the Q head should halt some inputs early, not all"
+
+
 def test_raising_halt_max_steps_at_inference():
     config = tiny_config(halt_max_steps=2)
     model = HRM(config).eval()
@@ -3117,6 +3147,15 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     scored = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True"], cwd=tmp_path)
     assert f"skipped 1 x answer contradicts clues, e.g. {csv_path} line 3: {reason}" in scored.stdout
     assert "4 puzzle(s) through the model" in scored.stdout and "/4 = " in scored.stdout
+    assert "4 input(s) in " in scored.stdout and "2.00 segments on average" in scored.stdout
+    # halting where the Q head says: at most the trained 2 segments per puzzle, the same puzzles scored
+    adaptive = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True",
+                                        "--halt_adaptive=True", "--batch_size=3"], cwd=tmp_path)
+    mean = float(re.search(r"([0-9.]+) segments on average \(halting adaptively\)", adaptive.stdout).group(1))
+    assert 1 <= mean <= 2 and "4 puzzle(s) through the model" in adaptive.stdout
+    one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--halt_adaptive=True",
+                                            "--show_steps=True"], cwd=tmp_path, check=False),
+                   "show_steps shows every segment of every input: leave halt_adaptive off with it")
 
     one_line_error(run_script("sample.py", [f"--out_dir={tmp_path / 'none'}", f"--puzzle={puzzle}"], cwd=tmp_path,
                               check=False), "no such file (train a model with train.py, or set --out_dir)")
