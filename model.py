@@ -468,17 +468,19 @@ class HRM(nn.Module):
         metrics["lm_loss"] = lm_loss.detach()
         return lm_loss + self.q_loss(outputs, seq_is_correct, metrics), metrics
 
-    def q_loss(self, outputs, halt_target, metrics):
-        """0.5 x the two Q losses, sums over the batch: Q-halt against halt_target (B,) (the answer is right),
-        Q-continue against the bootstrapped target (training only). Each is also put in metrics."""
+    def q_loss(self, outputs, halt_target, metrics, counted=None):
+        """0.5 x the two Q losses, sums over the batch (or its `counted` rows (B,), where some are padding):
+        Q-halt against halt_target (B,) (the answer is right), Q-continue against the bootstrapped target
+        (training only). Each is also put in metrics."""
+        total = lambda losses: losses.sum() if counted is None else torch.where(counted, losses, 0).sum()
         q_halt_logits = outputs["q_halt_logits"]
-        q_halt_loss = F.binary_cross_entropy_with_logits(q_halt_logits, halt_target.to(q_halt_logits.dtype),
-                                                         reduction="sum")
+        q_halt_loss = total(F.binary_cross_entropy_with_logits(q_halt_logits, halt_target.to(q_halt_logits.dtype),
+                                                               reduction="none"))
         metrics["q_halt_loss"] = q_halt_loss.detach()
         q_continue_loss = 0
         if "target_q_continue" in outputs:
-            q_continue_loss = F.binary_cross_entropy_with_logits(outputs["q_continue_logits"],
-                                                                 outputs["target_q_continue"], reduction="sum")
+            q_continue_loss = total(F.binary_cross_entropy_with_logits(outputs["q_continue_logits"],
+                                                                       outputs["target_q_continue"], reduction="none"))
             metrics["q_continue_loss"] = q_continue_loss.detach()
         return 0.5 * (q_halt_loss + q_continue_loss)
 
@@ -713,7 +715,8 @@ class Forecaster(HRM):
         mse, mae, metrics = self.forecast_metrics(outputs, data, carry.halted & data["valid"], carry.steps)
         forecast_loss = torch.where(data["valid"], mse if self.config.loss_type == "mse" else mae, 0).sum()
         metrics["forecast_loss"] = forecast_loss.detach()
-        return forecast_loss + self.q_loss(outputs, mse.detach() < self.config.halt_tolerance, metrics), metrics
+        return forecast_loss + self.q_loss(outputs, mse.detach() < self.config.halt_tolerance, metrics,
+                                           data["valid"]), metrics
 
     def forecast_metrics(self, outputs, data, counted, steps):
         """Each window's MSE and MAE (B,) against as many steps of its labels as the forecast has, and the

@@ -2688,6 +2688,14 @@ def test_regression_halting():
                                                   reduction="sum")
     assert metrics["q_halt_loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert carry.halted.all() and (carry.steps == 3).all()  # evaluation: every window runs halt_max_steps
+    # windows that pad an evaluation batch count in no loss
+    padded = dict(batch, valid=torch.tensor([True, True, True, False, False]))
+    carry = model.initial_carry(padded)
+    for _ in range(3):
+        carry, loss, metrics, outputs = model(carry, padded)
+    expected = F.binary_cross_entropy_with_logits(outputs["q_halt_logits"][:3], torch.tensor([1.0, 1, 0]),
+                                                  reduction="sum")
+    assert metrics["q_halt_loss"] == pytest.approx(expected.item(), rel=1e-5) and metrics["count"] == 3
     # in training a window halts where Q says so (Q-halt above Q-continue), the others run on
     model.train()
     with torch.no_grad():
