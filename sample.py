@@ -8,11 +8,13 @@ $ python sample.py --out_dir=out-sudoku --puzzles=test.csv            # Sudoku-E
 $ python sample.py --out_dir=out-sudoku --puzzle=... --show_steps=True --halt_max_steps=32
 $ python sample.py --out_dir=out-sudoku --puzzles=test.csv --quiet=True --compile=True --halt_adaptive=True
 
-Inputs stream through batch_size slots on the GPU, each running halt_max_steps segments, or with
---halt_adaptive=True until its Q head says halt (a freed slot takes the next input); the summary gives
-inputs per second and the mean number of segments. A Sudoku is 81 characters, row by row, '.' or '0' for a blank. An input that cannot be read (wrong length,
+A Sudoku is 81 characters, row by row, '.' or '0' for a blank. An input that cannot be read (wrong length,
 other characters, clues that already conflict, an answer that does not solve it) gets a one-line error and
 the others are still solved; the exit status is non-zero when none could be.
+
+Puzzles, mazes and ARC inputs stream through batch_size slots on the device, each running halt_max_steps segments,
+or with --halt_adaptive=True until its Q head says halt, a freed slot taking the next input; the summary
+gives inputs per second and the mean number of segments.
 
 Maze (the model's size: 30x30 for config/maze.py, 15x15 for config/maze_small.py):
 $ python sample.py --out_dir=out-maze --maze=my_maze.txt              # a grid, a line per row: '#' wall, ' ' open, S, G
