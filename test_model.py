@@ -2985,16 +2985,17 @@ def test_a_budgeted_run_fits_its_schedule_to_the_minutes(reverse_task, tmp_path)
     out = tmp_path / "out"
     started = time.time()
     result = run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--epochs=1000", "--max_minutes=0.3",
-                                                   "--eval_interval=1000", "--log_interval=50"], cwd=reverse_task)
+                                                   "--eval_interval=1000", "--log_interval=100000"], cwd=reverse_task)
     took = time.time() - started
     fitted = re.search(r"the run ends at step ([\d,]+)", result.stdout)
     checkpoint = load_checkpoint(out)
     log = read_eval_log(out)
-    # the first evaluation comes at the fit, the last at the end of the fitted schedule, inside the budget
-    assert fitted and checkpoint["budget"]["total_steps"] >= checkpoint["iter_num"] > 25 and log[0]["step"] == 25
+    # the first evaluation comes at the fit, the last at the end of the fitted schedule (a log interval longer
+    # than the run does not end it at the fit), inside the budget
+    assert fitted and checkpoint["budget"]["total_steps"] >= checkpoint["iter_num"] > 250 and log[0]["step"] == 25
     assert log[-1]["step"] == checkpoint["iter_num"] and log[-1]["minutes"] <= 0.3 + 0.05
     assert took < 0.3 * 60 + 30, (took, result.stdout[-1500:])
-    assert re.search(r"^step 50 \(\d+\.\d min\):", result.stdout, re.M)
+    assert re.search(r"^step 25 \(\d+\.\d min\):", result.stdout, re.M)
     # resumed, its clock goes on: with little time left it stops by itself, inside the budget, evaluated and saved
     budget = 0.3 + (checkpoint["budget"]["eval_seconds"] + 3) / 60
     run_script("train.py", [f"--out_dir={out}", "--init_from=resume", f"--max_minutes={budget}", "--log_interval=1"],
