@@ -138,6 +138,13 @@ def run(model, forward, tokens, puzzle_identifiers=None):
     return predictions[None], q_halt[None], segments
 
 
+def print_exact_accuracy(entries, finals):
+    """The share of the (name, question, answer) entries with an answer whose final prediction is exactly it."""
+    right = [np.array_equal(final, answer) for final, (_, _, answer) in zip(finals, entries) if answer is not None]
+    if right:
+        print(f"exact accuracy against the given answers: {sum(right)}/{len(right)} = {sum(right) / len(right):.4f}")
+
+
 def sudoku(model, forward):
     import prepare_sudoku as ps
     entries, errors = [], 0  # (name, question digits, answer digits or None)
@@ -177,30 +184,23 @@ def sudoku(model, forward):
     if not entries:
         raise DataError(f"no puzzle could be read ({errors} had errors)" if errors else
                         "give --puzzle=<81 characters> or --puzzles=<file>")
-    valid = scored = correct = 0
     questions = np.stack([q for _, q, _ in entries])
     tokens, q_halt, segments = run(model, forward, ps.encode(questions))
     boards = ps.decode(tokens)
     problems = ps.grid_problems(questions, boards[-1])
-    for i, (name, question, answer) in enumerate(entries):
+    for i, (name, question, answer) in enumerate([] if quiet else entries):
         final = boards[-1, i]
-        valid += problems[i] is None
-        matches = answer is not None and np.array_equal(final, answer)
-        scored, correct = scored + (answer is not None), correct + matches
-        if quiet:
-            continue
         print(f"\n{name}\npuzzle:\n{ps.format_grid(question)}")
         for step in range(len(boards) if show_steps else 0):
             print(f"after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
                   f"{ps.format_grid(boards[step, i])}")
         verdict = 'a valid solution' if problems[i] is None else f'not a solution ({problems[i][1]})'
         if answer is not None:
-            verdict += ', matches the answer' if matches else ', differs from the answer'
+            verdict += ', matches the answer' if np.array_equal(final, answer) else ', differs from the answer'
         print(f"solution after {segments[i]} segments, {verdict}:\n{ps.format_grid(final)}")
-    print(f"\n{len(entries)} puzzle(s) through the model, {valid} answered with a valid Sudoku solution"
-          + (f"; {errors} could not be read" if errors else ''))
-    if scored:
-        print(f"exact accuracy against the given answers: {correct}/{scored} = {correct / scored:.4f}")
+    print(f"\n{len(entries)} puzzle(s) through the model, {problems.count(None)} answered with a valid Sudoku "
+          f"solution" + (f"; {errors} could not be read" if errors else ''))
+    print_exact_accuracy(entries, boards[-1])
 
 
 def solve_mazes(model, forward):
@@ -215,27 +215,21 @@ def solve_mazes(model, forward):
     if not entries:
         raise DataError(f"no maze could be read ({unread} had errors)")
     colour = sys.stdout.isatty() and not os.environ.get('NO_COLOR')
-    valid = scored = correct = 0
     tokens, q_halt, segments = run(model, forward, np.stack([q for _, q, _ in entries]))
-    for i, (name, question, answer) in enumerate(entries):
-        problem = pm.maze_problem(question, tokens[-1, i], side)
-        valid += problem is None
-        matches = answer is not None and np.array_equal(tokens[-1, i], answer)
-        scored, correct = scored + (answer is not None), correct + matches
-        if quiet:
-            continue
+    problems = [pm.maze_problem(question, tokens[-1, i], side) for i, (_, question, _) in enumerate(entries)]
+    for i, (name, question, answer) in enumerate([] if quiet else entries):
+        problem = problems[i]
         for step in range(len(tokens) - 1 if show_steps else 0):
             print(f"\n{name}, after segment {step + 1} (Q says halt with p = {q_halt[step, i]:.3f}):\n"
                   f"{pm.render(question, tokens[step, i], side, colour)}")
         verdict = 'a valid shortest path' if problem is None else f'not a valid shortest path ({problem[1]})'
         if answer is not None:
-            verdict += ', the answer\'s path' if matches else ', not the answer\'s path'
+            verdict += ', the answer\'s path' if np.array_equal(tokens[-1, i], answer) else ', not the answer\'s path'
         print(f"\n{name}, after {segments[i]} segments: {verdict}\n"
               f"{pm.render(question, tokens[-1, i], side, colour)}")
-    print(f"\n{len(entries)} maze(s) through the model, {valid} solved with a valid shortest path"
+    print(f"\n{len(entries)} maze(s) through the model, {problems.count(None)} solved with a valid shortest path"
           + (f"; {unread} could not be read" if unread else ''))
-    if scored:
-        print(f"exact accuracy against the given answers: {correct}/{scored} = {correct / scored:.4f}")
+    print_exact_accuracy(entries, tokens[-1])
 
 
 def arc(model, forward):
