@@ -400,13 +400,27 @@ class HRM(nn.Module):
 
     @torch.no_grad()
     def run_to_halt(self, forward, batch):
-        """Segments from a fresh carry until every sequence halted (in evaluation, halt_max_steps of them).
-        forward: this model, or its compiled version. Returns the last segment's metrics and outputs."""
+        """Segments from a fresh carry until every sequence halted: in evaluation halt_max_steps of them, or
+        with config.halt_adaptive each sequence's answer is the one of the segment where its Q head first
+        said halt. forward: this model, or its compiled version. Returns the metrics and outputs."""
         carry = self.initial_carry(batch)
-        while True:
-            carry, _, metrics, outputs = forward(carry, batch)
-            if carry.halted.all():
-                return metrics, outputs
+        carry, _, metrics, outputs = forward(carry, batch)
+        if not self.config.halt_adaptive:
+            while not carry.halted.all():
+                carry, _, metrics, outputs = forward(carry, batch)
+            return metrics, outputs
+        # a sequence that halted restarts on its example in the next segment: keep what it gave when it halted
+        answered, steps = carry.halted, carry.steps
+        while not answered.all():
+            carry, _, _, latest = forward(carry, batch)
+            first = carry.halted & ~answered
+            outputs = {k: torch.where(first.view((-1,) + (1,) * (v.ndim - 1)), v, outputs[k])
+                       for k, v in latest.items()}
+            steps, answered = torch.where(first, carry.steps, steps), answered | first
+        if "labels" not in batch:
+            return {}, outputs
+        carry = Carry(z_H=carry.z_H, z_L=carry.z_L, steps=steps, halted=answered, current_data=carry.current_data)
+        return self.act_loss(carry, outputs)[1], outputs
 
     @torch.no_grad()
     def solve(self, forward, inputs, puzzle_identifiers, batch_size):

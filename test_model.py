@@ -423,6 +423,14 @@ def test_solve_streams_inputs_through_the_batch():
         assert torch.equal(predictions[i], model.predictions(outputs)[0]), f"input {i}"
     assert 1 <= segments.min() < segments.max() <= 5, "the Q head should halt some inputs early, not all"
 
+    # evaluation's run_to_halt (a whole batch at once) answers and scores each input where it first halted
+    metrics, outputs = model.run_to_halt(model, data)
+    assert torch.equal(model.predictions(outputs), predictions)
+    assert_close(torch.sigmoid(outputs["q_halt_logits"]), q_halt, "q_halt")
+    token_accuracy = (predictions == data["labels"]).double().mean(-1).sum()
+    assert metrics["count"] == 11 and metrics["steps"] == segments.sum() and token_accuracy > 0
+    assert_close(metrics["accuracy"].double(), token_accuracy, "accuracy")
+
 
 def test_raising_halt_max_steps_at_inference():
     config = tiny_config(halt_max_steps=2)

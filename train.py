@@ -71,6 +71,7 @@ puzzle_emb_ndim = 512       # 0 = no puzzle embedding
 halt_max_steps = 16
 halt_exploration_prob = 0.1
 act_continue = True         # False: no bootstrapped Q-continue pass, halting learnt from Q-halt alone (TRM)
+halt_adaptive = False       # evaluation too halts each sequence where its Q head says, as training does
 loss_type = 'stablemax'     # 'stablemax' or 'softmax'
 # time series (a dataset from prepare_timeseries.py): windows of input_len steps, forecast horizon steps ahead
 input_len = 96
@@ -191,7 +192,8 @@ total_steps = max(1, int(epochs * examples_per_epoch / global_batch_size))  # lr
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
 model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
                   num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings, halt_max_steps=halt_max_steps,
-                  halt_exploration_prob=halt_exploration_prob, act_continue=act_continue, forward_dtype=dtype)
+                  halt_exploration_prob=halt_exploration_prob, act_continue=act_continue, halt_adaptive=halt_adaptive,
+                  forward_dtype=dtype)
 iter_num, eval_seconds = 0, 0.0
 torch.manual_seed(seed)  # the same initial weights in every process
 if init_from == 'reference':
@@ -200,8 +202,8 @@ else:
     model = build_model(model_args)
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
-        if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob', 'act_continue') and \
-                model_args.get(k) != v:
+        if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob', 'act_continue',
+                     'halt_adaptive') and model_args.get(k) != v:
             raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
                             f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
