@@ -3086,6 +3086,15 @@ def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
                               cwd=reverse_task, check=False), "does not match the model: missing")
 
 
+def test_every_recipe_in_config_is_accepted(tmp_path):
+    # train.py takes every file of config/ (only keys it knows, values of their defaults' types) and gets as far
+    # as the data, which is not there: the last file's dataset
+    recipes = sorted(os.path.join(HERE, "config", name) for name in os.listdir(os.path.join(HERE, "config")))
+    last = re.search(r"^dataset = '([^']+)'", open(recipes[-1]).read(), re.M).group(1)
+    one_line_error(run_script("train.py", recipes + ["--device=cpu"], cwd=tmp_path, check=False),
+                   f"no dataset at data/{last}/train")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--no_such_key=1"], "unknown config key 'no_such_key'"),
     (["--global_batch_size=big"], "--global_batch_size=big: expected int"),
