@@ -401,25 +401,23 @@ class HRM(nn.Module):
     @torch.no_grad()
     def run_to_halt(self, forward, batch):
         """Segments from a fresh carry until every sequence halted: in evaluation halt_max_steps of them, or
-        with config.halt_adaptive each sequence's answer is the one of the segment where its Q head first
-        said halt. forward: this model, or its compiled version. Returns the metrics and outputs."""
+        with config.halt_adaptive each where its Q head first says halt (it then restarts on its example, and
+        what it does after is dropped). forward: this model, or its compiled version. Returns the metrics
+        (empty without labels) and outputs of each sequence's halting segment, outputs["steps"] (B,) being the
+        segments it ran."""
         carry = self.initial_carry(batch)
-        carry, _, metrics, outputs = forward(carry, batch)
-        if not self.config.halt_adaptive:
-            while not carry.halted.all():
-                carry, _, metrics, outputs = forward(carry, batch)
-            return metrics, outputs
-        # a sequence that halted restarts on its example in the next segment: keep what it gave when it halted
-        answered, steps = carry.halted, carry.steps
+        answered, outputs = torch.zeros_like(carry.halted), None
         while not answered.all():
             carry, _, _, latest = forward(carry, batch)
             first = carry.halted & ~answered
-            outputs = {k: torch.where(first.view((-1,) + (1,) * (v.ndim - 1)), v, outputs[k])
-                       for k, v in latest.items()}
-            steps, answered = torch.where(first, carry.steps, steps), answered | first
+            latest = dict(latest, steps=carry.steps)
+            outputs = latest if outputs is None else {
+                k: torch.where(first.view((-1,) + (1,) * (v.ndim - 1)), v, outputs[k]) for k, v in latest.items()}
+            answered = answered | first
         if "labels" not in batch:
             return {}, outputs
-        carry = Carry(z_H=carry.z_H, z_L=carry.z_L, steps=steps, halted=answered, current_data=carry.current_data)
+        carry = Carry(z_H=carry.z_H, z_L=carry.z_L, steps=outputs["steps"], halted=answered,
+                      current_data=carry.current_data)
         return self.act_loss(carry, outputs)[1], outputs
 
     @torch.no_grad()
@@ -687,11 +685,11 @@ class Forecaster(HRM):
     Halting: Q-halt learns whether this segment's forecast is good enough, its window's MSE under
     halt_tolerance: the regression reading of a puzzle's "the answer is correct", so training halts windows
     as it halts puzzles (Q-continue bootstrapped from the next segment, the same exploration). In evaluation
-    every window runs halt_max_steps segments, as puzzles do, so the metrics do not depend on Q. The default
-    tolerance, 0.1 (the series' variance is 1), lets few ETTh1 windows leave early; at 0.3, about the median
-    window's error, half of them left after one segment of two and validation MSE was worse (train.py
-    config/etth1.py --halt_tolerance=0.3 on an H200: 0.721 against 0.709 with patches, 0.742 against 0.711 with
-    --ts_layout=variable; one run each).
+    every window runs halt_max_steps segments, as puzzles do, so the metrics do not depend on Q (unless
+    halt_adaptive). The default tolerance, 0.1 (the series' variance is 1), lets few ETTh1 windows leave
+    early; at 0.3, about the median window's error, half of them left after one segment of two and
+    validation MSE was worse (train.py config/etth1.py --halt_tolerance=0.3 on an H200: 0.721 against 0.709
+    with patches, 0.742 against 0.711 with --ts_layout=variable; one run each).
 
     The autoregressive head is the iterated strategy: trained on the next step (patch) only, it forecasts the
     horizon by feeding its forecasts back as history (run_to_halt)."""
@@ -750,22 +748,23 @@ class Forecaster(HRM):
     def run_to_halt(self, forward, batch):
         """HRM's for the one-shot head. The autoregressive one forecasts the next step (patch), which joins
         the history as the window moves forward as many steps, until the horizon is covered; the metrics are
-        then the whole horizon's."""
+        then the whole horizon's, its steps the mean segments per forecast step."""
         if self.config.head == "oneshot":
             return super().run_to_halt(forward, batch)
-        window, pieces = {k: v for k, v in batch.items() if k != "labels"}, []
+        window, pieces, segments = {k: v for k, v in batch.items() if k != "labels"}, [], []
         while True:
             _, outputs = super().run_to_halt(forward, window)
             step = outputs["forecast"]
             pieces.append(step)
+            segments.append(outputs["steps"])
             k = step.shape[1]
             if sum(p.shape[1] for p in pieces) >= self.config.horizon:
                 break
             window = dict(window, inputs=torch.cat((window["inputs"][:, k:], step), 1),
                           input_marks=torch.cat((window["input_marks"][:, k:], window["target_marks"][:, :k]), 1),
                           target_marks=window["target_marks"][:, k:])
-        outputs = dict(outputs, forecast=torch.cat(pieces, 1)[:, :self.config.horizon])
-        steps = torch.full_like(batch["valid"], self.config.halt_max_steps, dtype=torch.int32)
+        steps = torch.stack(segments).float().mean(0)
+        outputs = dict(outputs, forecast=torch.cat(pieces, 1)[:, :self.config.horizon], steps=steps)
         return self.forecast_metrics(outputs, batch, batch["valid"], steps)[2], outputs
 
     def predictions(self, outputs):

@@ -2721,6 +2721,25 @@ def sine_series(n, periods=(24, 36)):
     return np.sin(2 * np.pi * t / np.array(periods) + np.array([0.0, 1.0])[:len(periods)])
 
 
+@pytest.mark.parametrize("head", ["oneshot", "autoregressive"])
+def test_forecaster_evaluation_halting_where_q_says(head):
+    # a Q head that always says halt: with halt_adaptive every window's forecast (each of the autoregressive
+    # head's three steps too) is its first segment's, and the steps metric says one segment, not three
+    config = forecast_config(halt_max_steps=3, horizon=24, head=head)
+    model = build_model(dataclasses.asdict(config)).eval()
+    with torch.no_grad():
+        model.q_head.bias.copy_(torch.tensor([5.0, -5.0]))
+    batch = window_batch(config)
+    fixed, _ = model.run_to_halt(model, batch)
+    model.config.halt_adaptive = True
+    adaptive, outputs = model.run_to_halt(model, batch)
+    model.config.halt_adaptive, model.config.halt_max_steps = False, 1
+    _, one_segment = model.run_to_halt(model, batch)
+    assert fixed["steps"] == 3 * fixed["count"] and adaptive["steps"] == adaptive["count"] == 5
+    assert torch.equal(outputs["forecast"], one_segment["forecast"])
+    assert adaptive["mse"] != fixed["mse"]
+
+
 def test_tiny_forecaster_beats_the_last_value_on_a_sine():
     """Real training, a few seconds: two noiseless sines, 48 steps of history -> the next 12."""
     series = torch.tensor(sine_series(2000), dtype=torch.float32)
@@ -3031,6 +3050,27 @@ def test_the_weight_average_is_evaluated_saved_and_resumed(reverse_task, tmp_pat
     assert read_eval_log(tmp_path / "whole")[-1]["lm_loss"] != averaged["lm_loss"], raw.stdout[-1000:]
 
 
+def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path):
+    # copying 12 digits is learnt exactly in 300 steps, and Q-halt with it: evaluated again with
+    # halt_adaptive=True the same checkpoint answers after one segment of four, as right as before
+    rng, splits = np.random.default_rng(0), {}
+    for split, n in (("train", 2000), ("test", 256)):
+        digits = rng.integers(2, 11, (n, 12))
+        arrays = dataset.puzzle_arrays(digits, digits, examples_per_puzzle=1, puzzles_per_group=1)
+        splits[split] = (arrays, dataset.metadata(arrays, None, vocab_size=11))
+    dataset.write_dataset(str(tmp_path / "data" / "copy"), splits, ["<blank>"])
+    out = str(tmp_path / "out")
+    run_script("train.py", ["--dataset=copy", f"--out_dir={out}", "--global_batch_size=32", "--hidden_size=64",
+                            "--puzzle_emb_ndim=0", "--halt_max_steps=4", "--act_continue=False", "--learning_rate=1e-3",
+                            "--warmup_steps=20", "--weight_decay=0.1", "--max_steps=300", "--eval_interval=300"]
+               + TINY_MODEL[1:], cwd=tmp_path)
+    run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True", "--halt_adaptive=True"],
+               cwd=tmp_path)
+    fixed, adaptive = read_eval_log(out)
+    assert fixed["exact_accuracy"] == adaptive["exact_accuracy"] == 1.0, (fixed, adaptive)
+    assert fixed["steps"] == 4 and adaptive["steps"] == 1
+
+
 def test_torchrun_two_processes_equal_one(reverse_task, tmp_path):
     args = RESUME_ARGS + ["--halt_exploration_prob=0.0", "--max_steps=20", "--backend=gloo"]
     result = run_script("train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task, nproc=2)
@@ -3089,7 +3129,8 @@ def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
 def test_every_recipe_in_config_is_accepted(tmp_path):
     # train.py takes every file of config/ (only keys it knows, values of their defaults' types) and gets as far
     # as the data, which is not there: the last file's dataset
-    recipes = sorted(os.path.join(HERE, "config", name) for name in os.listdir(os.path.join(HERE, "config")))
+    recipes = sorted(os.path.join(HERE, "config", name) for name in os.listdir(os.path.join(HERE, "config"))
+                     if name.endswith(".py"))
     last = re.search(r"^dataset = '([^']+)'", open(recipes[-1]).read(), re.M).group(1)
     one_line_error(run_script("train.py", recipes + ["--device=cpu"], cwd=tmp_path, check=False),
                    f"no dataset at data/{last}/train")
@@ -3182,6 +3223,16 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--halt_adaptive=True",
                                             "--show_steps=True"], cwd=tmp_path, check=False),
                    "show_steps shows every segment of every input: leave halt_adaptive off with it")
+    # unset, halt_adaptive is the run's (train.py's, which evaluated so); show_steps still shows every segment
+    checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    checkpoint["model_args"]["halt_adaptive"] = True
+    os.makedirs(tmp_path / "adaptive")
+    torch.save(checkpoint, tmp_path / "adaptive" / "ckpt.pt")
+    args = [f"--out_dir={tmp_path / 'adaptive'}", f"--puzzles={csv_path}", "--quiet=True"]
+    assert "(halting adaptively)" in run_script("sample.py", args, cwd=tmp_path).stdout
+    assert "(halting adaptively)" not in run_script("sample.py", args + ["--halt_adaptive=False"], cwd=tmp_path).stdout
+    shown = run_script("sample.py", args[:1] + [f"--puzzle={puzzle}", "--show_steps=True"], cwd=tmp_path).stdout
+    assert sum(l.startswith("after segment") for l in shown.splitlines()) == 2
 
     one_line_error(run_script("sample.py", [f"--out_dir={tmp_path / 'none'}", f"--puzzle={puzzle}"], cwd=tmp_path,
                               check=False), "no such file (train a model with train.py, or set --out_dir)")
