@@ -13,8 +13,8 @@ other characters, clues that already conflict, an answer that does not solve it)
 the others are still solved; the exit status is non-zero when none could be.
 
 Puzzles, mazes and ARC inputs stream through batch_size slots on the device, each running halt_max_steps segments,
-or with --halt_adaptive=True until its Q head says halt, a freed slot taking the next input; the summary
-gives inputs per second and the mean number of segments.
+or with --halt_adaptive=True (the default for a run that evaluated so) until its Q head says halt, a freed
+slot taking the next input; the summary gives inputs per second and the mean number of segments.
 
 Maze (the model's size: 30x30 for config/maze.py, 15x15 for config/maze_small.py):
 $ python sample.py --out_dir=out-maze --maze=my_maze.txt              # a grid, a line per row: '#' wall, ' ' open, S, G
@@ -65,7 +65,8 @@ maze = ''                   # Maze: one maze (size*size characters), a text file
 max_puzzles = 0             # if > 0, solve only the first this-many
 halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with)
 show_steps = False          # print the board after every segment with the Q head's halting probability
-halt_adaptive = False       # each input stops where its Q head says halt, as in training (else halt_max_steps)
+halt_adaptive = False       # each input stops where its Q head says halt, as in training (else halt_max_steps);
+                            # unset: as the run evaluated (train.py's halt_adaptive)
 arc_task = ''               # ARC: a task's JSON file, or the id of a task in the dataset's evaluation set
 batch_size = 256
 quiet = False               # with many inputs: print only errors and the score
@@ -90,10 +91,12 @@ def load_model():
         raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
     # a run that kept an average of its weights evaluated with it: so does sample.py
     model.load_state_dict({**checkpoint['model'], **(checkpoint.get('ema') or {})})
-    global dataset
+    global dataset, halt_adaptive
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     if halt_max_steps > 0:
         model.config.halt_max_steps = halt_max_steps  # ACT can think longer than it was trained to
+    if 'halt_adaptive' not in config_overrides:  # as the run evaluated, unless every segment is to be shown
+        halt_adaptive = checkpoint['model_args'].get('halt_adaptive', False) and not show_steps
     model.config.halt_adaptive = halt_adaptive
     model.to(device).eval()
     # a dataset built by the original code names no task: its Sudoku is recognised by its shape
