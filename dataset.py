@@ -576,6 +576,10 @@ class SeriesData:
         for key in ("columns", "mean", "std", "borders"):
             if not isinstance(self.meta.get(key), list):
                 raise DataError(f"{meta_path}: {key} is {self.meta.get(key)!r}, expected a list")
+        for key, kinds in (("mean", (int, float)), ("std", (int, float)), ("borders", (int,))):
+            if not all(type(v) in kinds for v in self.meta[key]):
+                raise DataError(f"{meta_path}: {key} is {self.meta[key]!r}, expected a list of "
+                                f"{'integers' if key == 'borders' else 'numbers'}")
         self.columns, self.borders = self.meta["columns"], self.meta["borders"]
         self.mean, self.std = np.array(self.meta["mean"], np.float64), np.array(self.meta["std"], np.float64)
         self.values, self.calendar, self.timestamps = (load_array(os.path.join(path, f"{k}.npy")) for k in SERIES_FILES)

@@ -2508,6 +2508,21 @@ def test_windows_follow_the_borders_and_only_training_rows_set_the_scale(tmp_pat
         dataset.Windows(series, "val", 24, 30)
 
 
+@pytest.mark.parametrize("key, value, reason", [
+    ("borders", ["140", 160, 200], "borders is ['140', 160, 200], expected a list of integers"),
+    ("borders", [160, 140, 200], "borders [160, 140, 200] are not 0 < train end < val end < test end <= 200 rows"),
+    ("mean", [0.5, None], "mean is [0.5, None], expected a list of numbers"),
+    ("std", 1.0, "std is 1.0, expected a list"),
+])
+def test_damaged_series_metadata_is_named(tmp_path, key, value, reason):
+    series, _ = build_indexed_series(tmp_path)
+    meta_path = os.path.join(series.path, "dataset.json")
+    with open(meta_path, "w") as f:
+        json.dump(dict(series.meta, **{key: value}), f)
+    with pytest.raises(dataset.DataError, match=re.escape(reason)):
+        dataset.SeriesData(series.path)
+
+
 def test_calendar_features():
     stamps = np.array(["2016-07-01T00:00", "2016-12-31T23:00", "2017-01-02T12:30", "2024-02-29T06:00"], "datetime64[s]")
     features = pt.calendar_features(stamps)
