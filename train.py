@@ -279,6 +279,15 @@ def gather(tensor):
     return out
 
 
+def leave_process_group():
+    """Under torchrun: wait until every process is past its last collective, then leave the group. A process
+    that tears its group down while another still talks to it (the first rank writing the checkpoint) can
+    abort that one at exit (gloo: 'terminate called without an active exception')."""
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def to_device(batch):
     return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) if device_type == 'cuda'
             else torch.from_numpy(v).to(device) for k, v in batch.items()}
@@ -392,8 +401,7 @@ if wandb_log and master_process:
 
 if eval_only:
     log_eval(iter_num)
-    if ddp:
-        dist.destroy_process_group()
+    leave_process_group()
     raise SystemExit
 
 # -----------------------------------------------------------------------------
@@ -481,5 +489,4 @@ while iter_num < stop_step:
             save_checkpoint()
         t0 = time.time()  # evaluation time is not training time
 progress.close()
-if ddp:
-    dist.destroy_process_group()
+leave_process_group()
