@@ -2846,6 +2846,9 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path):
     args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--input_len=2000"] + TINY_MODEL
     one_line_error(run_script("train.py", args, cwd=synthetic_run, check=False),
                    "the train part (rows 0 to 1,120) is too short for one window")
+    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--init_from=reference", "--reference_checkpoint=x.pt"]
+    one_line_error(run_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False),
+                   "init_from='reference' loads the original's puzzle HRM, but data/synthetic is a time series")
 
 
 @pytest.mark.skipif(not os.path.isfile(SHARED_ETTH1), reason="ETTh1.csv (../shared/data/timeseries) is not here")

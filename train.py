@@ -197,6 +197,8 @@ model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_lay
 iter_num, eval_seconds = 0, 0.0
 torch.manual_seed(seed)  # the same initial weights in every process
 if init_from == 'reference':
+    if 'horizon' in model_args:
+        raise DataError(f"init_from='reference' loads the original's puzzle HRM, but {data_dir} is a time series")
     model = load_reference_checkpoint(reference_checkpoint, model_args)
 else:
     model = build_model(model_args)
