@@ -573,13 +573,11 @@ class SeriesData:
         if not os.path.isfile(meta_path):
             raise DataError(f"no time series at {path} (no dataset.json): build one with prepare_timeseries.py")
         self.path, self.meta = path, read_json(meta_path)
-        for key in ("columns", "mean", "std", "borders"):
-            if not isinstance(self.meta.get(key), list):
-                raise DataError(f"{meta_path}: {key} is {self.meta.get(key)!r}, expected a list")
-        for key, kinds in (("mean", (int, float)), ("std", (int, float)), ("borders", (int,))):
-            if not all(type(v) in kinds for v in self.meta[key]):
-                raise DataError(f"{meta_path}: {key} is {self.meta[key]!r}, expected a list of "
-                                f"{'integers' if key == 'borders' else 'numbers'}")
+        for key, kinds, what in (("columns", (str,), "names"), ("mean", (int, float), "numbers"),
+                                 ("std", (int, float), "numbers"), ("borders", (int,), "integers")):
+            values = self.meta.get(key)
+            if not isinstance(values, list) or not all(type(v) in kinds for v in values):
+                raise DataError(f"{meta_path}: {key} is {values!r}, expected a list of {what}")
         self.columns, self.borders = self.meta["columns"], self.meta["borders"]
         self.mean, self.std = np.array(self.meta["mean"], np.float64), np.array(self.meta["std"], np.float64)
         self.values, self.calendar, self.timestamps = (load_array(os.path.join(path, f"{k}.npy")) for k in SERIES_FILES)

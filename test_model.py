@@ -2512,7 +2512,8 @@ def test_windows_follow_the_borders_and_only_training_rows_set_the_scale(tmp_pat
     ("borders", ["140", 160, 200], "borders is ['140', 160, 200], expected a list of integers"),
     ("borders", [160, 140, 200], "borders [160, 140, 200] are not 0 < train end < val end < test end <= 200 rows"),
     ("mean", [0.5, None], "mean is [0.5, None], expected a list of numbers"),
-    ("std", 1.0, "std is 1.0, expected a list"),
+    ("std", 1.0, "std is 1.0, expected a list of numbers"),
+    ("columns", ["a", 2], "columns is ['a', 2], expected a list of names"),
 ])
 def test_damaged_series_metadata_is_named(tmp_path, key, value, reason):
     series, _ = build_indexed_series(tmp_path)
