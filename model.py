@@ -14,7 +14,7 @@ segment, the loss), the optimizers, then loading the original's checkpoints.
 """
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -416,9 +416,7 @@ class HRM(nn.Module):
             answered = answered | first
         if "labels" not in batch:
             return {}, outputs
-        carry = Carry(z_H=carry.z_H, z_L=carry.z_L, steps=outputs["steps"], halted=answered,
-                      current_data=carry.current_data)
-        return self.act_loss(carry, outputs)[1], outputs
+        return self.act_loss(replace(carry, steps=outputs["steps"], halted=answered), outputs)[1], outputs
 
     @torch.no_grad()
     def solve(self, forward, inputs, puzzle_identifiers, batch_size):
