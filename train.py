@@ -459,11 +459,12 @@ while iter_num < stop_step:
                  for k, v in sums.items() if k != 'count'}
         dt = (time.time() - t0) / steps_logged if iter_num != fit_step else \
             (time.time() - fit_started) / (FIT_STEPS - 5)  # the fit times the steps after compilation
-        # a budgeted run also ends where the steps to its next check would not fit (at the fit, the fit decides)
+        # a budgeted run also ends where the steps to its next check would not fit (at the fit, the fit decides),
+        # with a step and a tenth of an evaluation to spare: the next ones may take a little longer than the last
         if max_minutes > 0 and not last and iter_num != fit_step:
             to_check = min(log_interval - iter_num % log_interval, stop_step - iter_num)
-            out_of_time = torch.tensor(time.time() - run_start + eval_seconds + dt * to_check > 60 * max_minutes,
-                                       device=device)
+            needed = 1.1 * eval_seconds + dt * (to_check + 1)
+            out_of_time = torch.tensor(time.time() - run_start + needed > 60 * max_minutes, device=device)
             if world_size > 1:  # every process follows the first's clock, or their collectives would part
                 dist.broadcast(out_of_time, 0)
             if out_of_time.item():
