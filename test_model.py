@@ -3053,6 +3053,24 @@ def test_a_budgeted_run_fits_its_schedule_to_the_minutes(reverse_task, tmp_path)
                               cwd=reverse_task, check=False), "nothing to train; raise max_minutes")
 
 
+def test_a_refitted_budget_never_raises_the_learning_rate(reverse_task, tmp_path):
+    # resumed with a budget 2.5x longer, the run refits its schedule to far more steps than the first run's; the
+    # decay goes on from where it was instead of jumping back up the cosine
+    out, args = tmp_path / "out", ["--log_interval=1", "--eval_interval=100000"]
+    first = run_script("train.py", RESUME_ARGS + args + [f"--out_dir={out}", "--epochs=1000", "--max_minutes=0.1"],
+                       cwd=reverse_task)
+    ended = load_checkpoint(out)["iter_num"]
+    resumed = run_script("train.py", args + [f"--out_dir={out}", "--init_from=resume", "--max_minutes=0.25"],
+                         cwd=reverse_task)
+    assert load_checkpoint(out)["iter_num"] > 2 * ended
+    lrs = [(int(step), float(lr)) for step, lr in
+           re.findall(r"^step (\d+) \(.*, lr ([\d.e+-]+),", first.stdout + resumed.stdout, re.M)]
+    assert [step for step, _ in lrs] == list(range(1, len(lrs) + 1))
+    after_warmup = [lr for step, lr in lrs if step >= 5]
+    assert after_warmup[0] == 1e-3 and after_warmup[-1] == 1e-4
+    assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:])), after_warmup
+
+
 def test_the_weight_average_is_evaluated_saved_and_resumed(reverse_task, tmp_path):
     args = RESUME_ARGS + ["--ema_decay=0.9", "--max_steps=20"]
     run_script("train.py", args + [f"--out_dir={tmp_path / 'whole'}"], cwd=reverse_task)

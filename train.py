@@ -195,6 +195,7 @@ model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_lay
                   halt_exploration_prob=halt_exploration_prob, act_continue=act_continue, halt_adaptive=halt_adaptive,
                   forward_dtype=dtype)
 iter_num, eval_seconds = 0, 0.0
+decay_anchor = (warmup_steps, 0.0)  # (step, progress): the decay's progress runs linearly from here to 1 at total_steps
 torch.manual_seed(seed)  # the same initial weights in every process
 if init_from == 'reference':
     if 'horizon' in model_args:
@@ -216,8 +217,10 @@ if checkpoint is not None:
             raise DataError(f"{ckpt_path}: the run has used {budget['minutes']:.1f} of its max_minutes={max_minutes}: "
                             f"nothing to train; raise max_minutes, or evaluate with --eval_only=True")
         total_steps, eval_seconds = budget['total_steps'], budget['eval_seconds']
+        decay_anchor = tuple(budget.get('decay_anchor', decay_anchor))
         run_start -= 60 * budget['minutes']
-        stop_step = max(iter_num + FIT_STEPS, min(total_steps, max_steps) if max_steps > 0 else total_steps)
+        # past the fit, which refits the schedule to the minutes given now
+        stop_step = max(iter_num + FIT_STEPS + 1, min(total_steps, max_steps) if max_steps > 0 else total_steps)
     if iter_num >= stop_step and not eval_only:
         raise DataError(f"{ckpt_path} is at step {iter_num:,}, the end of this run ({stop_step:,} steps): nothing to "
                         f"train; raise max_steps or epochs, or evaluate with --eval_only=True")
@@ -264,12 +267,18 @@ if master_process:
               f"per thousand steps; is a GPU visible to torch?")
 
 
+def decay_progress(step):
+    """How far the decay is at `step`, 0 to 1: linear from decay_anchor (the warmup's end, or the step where
+    a budgeted run last refitted its schedule) to total_steps."""
+    anchor_step, anchor_progress = decay_anchor
+    return min(1.0, anchor_progress + (1 - anchor_progress) * (step - anchor_step) / max(1, total_steps - anchor_step))
+
+
 def get_lr_scale(step):
     """Linear warmup, then cosine decay from 1 to lr_min_ratio at total_steps (constant when it is 1)."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return lr_min_ratio + (1 - lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr_min_ratio + (1 - lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * decay_progress(step)))
 
 
 def gather(tensor):
@@ -317,7 +326,8 @@ def save_checkpoint():
                           sparse_optimizer=sparse_optimizer.state_dict() if sparse_optimizer else None,
                           loader=train_batches.state_dict(), carry=saved_carry, rng=rngs, world_size=world_size,
                           ema=ema.state_dict() if ema else None,
-                          budget=dict(total_steps=total_steps, minutes=minutes(), eval_seconds=eval_seconds)
+                          budget=dict(total_steps=total_steps, minutes=minutes(), eval_seconds=eval_seconds,
+                                      decay_anchor=decay_anchor)
                           if max_minutes > 0 else None)
         write_atomically(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
 
@@ -482,6 +492,8 @@ while iter_num < stop_step:
         if fit_step and start_step + 5 <= iter_num < fit_step:
             fit_started += eval_seconds  # the fit times steps, not evaluations
         if max_minutes > 0 and not last:  # fit (after each evaluation, refit) the schedule to the budget left
+            if iter_num > warmup_steps:  # the decay goes on from where it is, so the lr never jumps
+                decay_anchor = (iter_num, decay_progress(iter_num))
             total_steps = max(iter_num + 1, fit_schedule(dt, eval_seconds))
             stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
             progress.total = stop_step
