@@ -118,25 +118,35 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Post-norm transformer block: x = norm(x + attn(x)); x = norm(x + mlp(x)), RMSNorm without weights."""
+    """Post-norm transformer block: x = norm(x + attn(x)); x = norm(x + mlp(x)), RMSNorm without weights.
+    With mixer='mlp' a SwiGLU across the num_tokens positions, shared by the channels, takes attention's
+    place (TRM's MLP-Mixer-style choice for Sudoku: it needs every sequence num_tokens long)."""
 
-    def __init__(self, config):
+    def __init__(self, config, num_tokens):
         super().__init__()
-        self.self_attn = Attention(config.hidden_size, config.num_heads)
+        self.mixer = config.mixer
+        if config.mixer == "attention":
+            self.self_attn = Attention(config.hidden_size, config.num_heads)
+        else:
+            self.token_mlp = SwiGLU(num_tokens, config.expansion)
         self.mlp = SwiGLU(config.hidden_size, config.expansion)
         self.eps = config.rms_norm_eps
 
     def forward(self, x, cos_sin):
-        x = add_rms_norm(x, self.self_attn(x, cos_sin), self.eps)
+        if self.mixer == "attention":
+            mixed = self.self_attn(x, cos_sin)
+        else:
+            mixed = self.token_mlp(x.transpose(1, 2)).transpose(1, 2)
+        x = add_rms_norm(x, mixed, self.eps)
         return add_rms_norm(x, self.mlp(x), self.eps)
 
 
 class ReasoningModule(nn.Module):
     """One recurrent module, H or L: add the injected input to the state, then a stack of blocks."""
 
-    def __init__(self, config, num_layers):
+    def __init__(self, config, num_layers, num_tokens):
         super().__init__()
-        self.layers = nn.ModuleList(Block(config) for _ in range(num_layers))
+        self.layers = nn.ModuleList(Block(config, num_tokens) for _ in range(num_layers))
 
     def forward(self, z, injection, cos_sin):
         z = z + injection
@@ -199,11 +209,14 @@ class HRMConfig:
     hidden_size: int = 512
     expansion: float = 4.0
     num_heads: int = 8
-    pos_encodings: str = "rope"     # 'rope' or 'learned'
+    pos_encodings: str = "rope"     # 'rope', 'learned' or 'none'
+    mixer: str = "attention"        # token mixing: 'attention', or 'mlp' across the positions (TRM's for Sudoku)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     halt_max_steps: int = 16        # ACT segments at most; may be raised at inference
     halt_exploration_prob: float = 0.1
+    grad_L_steps: int = 1           # L steps of the last H cycle that backpropagate: 1 is the paper's 1-step
+                                    # gradient, L_cycles TRM's gradient through the whole last cycle
     act_continue: bool = True       # Q-continue learnt from a bootstrapped second pass; False: halt at Q-halt > 0
     halt_adaptive: bool = False     # in evaluation too, each sequence halts where its Q head says (training always)
     forward_dtype: str = "bfloat16"
@@ -222,7 +235,9 @@ class HRMConfig:
             ("H_layers", self.H_layers >= 1, ">= 1"), ("L_layers", self.L_layers >= 1, ">= 1"),
             ("hidden_size", self.hidden_size >= 1, ">= 1"), ("expansion", self.expansion > 0, "> 0"),
             ("num_heads", self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "a divisor of hidden_size"),
-            ("pos_encodings", self.pos_encodings in ("rope", "learned"), "'rope' or 'learned'"),
+            ("pos_encodings", self.pos_encodings in ("rope", "learned", "none"), "'rope', 'learned' or 'none'"),
+            ("mixer", self.mixer in ("attention", "mlp"), "'attention' or 'mlp'"),
+            ("grad_L_steps", 1 <= self.grad_L_steps <= self.L_cycles, f"in [1, L_cycles={self.L_cycles}]"),
             ("halt_max_steps", self.halt_max_steps >= 1, ">= 1"),
             ("halt_exploration_prob", 0 <= self.halt_exploration_prob <= 1, "in [0, 1]"),
             ("forward_dtype", self.forward_dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
@@ -264,11 +279,11 @@ class HRM(nn.Module):
         self.q_head = CastedLinear(C, 2, bias=True)  # (halt, continue) logits, read at the first position
         if config.pos_encodings == "rope":
             self.rotary_emb = RotaryEmbedding(C // config.num_heads, max_positions, config.rope_theta)
-        else:
+        elif config.pos_encodings == "learned":
             self.embed_pos = CastedEmbedding(max_positions, C, 1 / self.embed_scale, self.forward_dtype)
 
-        self.H_level = ReasoningModule(config, config.H_layers)
-        self.L_level = ReasoningModule(config, config.L_layers)
+        self.H_level = ReasoningModule(config, config.H_layers, max_positions)
+        self.L_level = ReasoningModule(config, config.L_layers, max_positions)
         # the states every example starts from (fixed random vectors, not trained)
         self.register_buffer("H_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
         self.register_buffer("L_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
@@ -323,17 +338,18 @@ class HRM(nn.Module):
 
     def recur(self, z_H, z_L, x, cos_sin):
         """The H/L core: H_cycles x L_cycles steps of L, an H step after every L_cycles of them, the input x
-        injected into L at every step. All but the final L step and the final H step run without gradient
-        (the 1-step gradient approximation). Returns the new (z_H, z_L)."""
+        injected into L at every step. Only the final grad_L_steps L steps and the final H step run with
+        gradient (1: the paper's 1-step gradient approximation). Returns the new (z_H, z_L)."""
         config = self.config
         with torch.no_grad():
             for h_step in range(config.H_cycles):
-                for l_step in range(config.L_cycles):
-                    if not (h_step == config.H_cycles - 1 and l_step == config.L_cycles - 1):
-                        z_L = self.L_level(z_L, z_H + x, cos_sin)
-                if h_step < config.H_cycles - 1:
+                last_cycle = h_step == config.H_cycles - 1
+                for _ in range(config.L_cycles - config.grad_L_steps if last_cycle else config.L_cycles):
+                    z_L = self.L_level(z_L, z_H + x, cos_sin)
+                if not last_cycle:
                     z_H = self.H_level(z_H, z_L, cos_sin)
-        z_L = self.L_level(z_L, z_H + x, cos_sin)
+        for _ in range(config.grad_L_steps):
+            z_L = self.L_level(z_L, z_H + x, cos_sin)
         return self.H_level(z_H, z_L, cos_sin), z_L
 
     # --- ACT: a segment for every sequence, halting, the Q target
@@ -562,7 +578,7 @@ class ForecastConfig(HRMConfig):
     halt_tolerance: float = 0.1     # Q-halt learns whether a window's forecast MSE is under this
 
     def rules(self):
-        return [r for r in super().rules() if r[0] != "loss_type"] + [
+        return [r for r in super().rules() if r[0] not in ("loss_type", "mixer")] + [
             ("num_features", self.num_features >= 1, ">= 1"), ("input_len", self.input_len >= 1, ">= 1"),
             ("horizon", self.horizon >= 1, ">= 1"),
             ("layout", self.layout in ("time", "patch", "variable"), "'time', 'patch' or 'variable'"),
@@ -570,6 +586,7 @@ class ForecastConfig(HRMConfig):
             ("patch_len", self.layout != "patch" or 2 <= self.patch_len <= self.input_len,
              f"in [2, input_len={self.input_len}] for the patch layout"),
             ("loss_type", self.loss_type in ("mse", "mae"), "'mse' or 'mae'"),
+            ("mixer", self.mixer == "attention", "'attention' for a forecaster (a window's tokens vary in number)"),
             ("halt_tolerance", self.halt_tolerance > 0, "> 0")]
 
     @property
@@ -708,7 +725,7 @@ class Forecaster(HRM):
         cos_sin = None
         if self.config.pos_encodings == "learned":
             x = 0.707106781 * (x + self.embed_scale * self.embed_pos(position_ids))
-        elif self.config.layout != "variable":
+        elif self.config.pos_encodings == "rope" and self.config.layout != "variable":
             cos_sin = self.rotary_emb(position_ids)
         shape = z_H.shape  # (B, T, C); the core runs on (B', T', C), the shape of x
         z_H, z_L = self.recur(z_H.view(x.shape), z_L.view(x.shape), x, cos_sin)

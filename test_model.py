@@ -469,6 +469,57 @@ def test_learned_positions_and_position_ids():
     assert not torch.allclose(implicit["logits"], out["logits"], atol=1e-3)
 
 
+def test_grad_L_steps_backpropagates_through_that_many_final_L_steps():
+    # H_cycles=2 x L_cycles=3: which module calls run with gradient, and the forward pass is the same (no
+    # Q-continue pass, which would run the recurrence again)
+    config = tiny_config(act_continue=False)
+    batch = random_batch(config)
+    grads, outputs = {}, {}
+    for k in (1, 3):
+        torch.manual_seed(0)
+        model = HRM(dataclasses.replace(config, grad_L_steps=k)).train()
+        calls = []
+        for name in ("L_level", "H_level"):
+            getattr(model, name).register_forward_hook(
+                lambda module, args, out, name=name: calls.append((name, torch.is_grad_enabled())))
+        _, loss, _, outputs[k] = model(model.initial_carry(batch), batch)
+        loss.backward()
+        grads[k] = model.L_level.layers[0].mlp.down_proj.weight.grad.clone()
+        assert calls == [("L_level", False)] * 3 + [("H_level", False)] + [("L_level", False)] * (3 - k) \
+            + [("L_level", True)] * k + [("H_level", True)], (k, calls)
+    assert torch.equal(outputs[1]["logits"], outputs[3]["logits"])
+    assert not torch.allclose(grads[1], grads[3], rtol=1e-3)
+    with pytest.raises(ValueError, match=r"grad_L_steps=4: must be in \[1, L_cycles=3\]"):
+        tiny_config(grad_L_steps=4)
+
+
+def test_the_mlp_mixer_mixes_positions_without_attention():
+    config = tiny_config(mixer="mlp", pos_encodings="none", act_continue=False)
+    model = HRM(config).train()
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("self_attn" in n for n in names) and any("token_mlp" in n for n in names)
+    assert not hasattr(model, "rotary_emb") and not hasattr(model, "embed_pos")
+    # the logits at one position depend on the token at every other (through H's and L's token MLPs)
+    batch = random_batch(config)
+    carry = model.initial_carry(batch)
+    embedded = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        embedded.append(out)
+    model.embed_tokens.register_forward_hook(keep)
+    _, _, _, outputs = model(carry, batch)
+    outputs["logits"][:, 5].sum().backward()
+    reach = embedded[0].grad.abs().sum(-1)  # (B, seq_len)
+    assert (reach > 0).all(), reach
+    # no position encoding, yet the order matters: the token MLP's weights are per position
+    swapped = dict(batch, inputs=batch["inputs"][:, torch.arange(config.seq_len).roll(1)])
+    _, _, _, moved = model(model.initial_carry(swapped), swapped)
+    assert not torch.allclose(outputs["logits"].roll(1, dims=1), moved["logits"], atol=1e-4)
+    with pytest.raises(ValueError, match="mixer='mlp': must be 'attention' for a forecaster"):
+        ForecastConfig(mixer="mlp")
+
+
 def test_puzzle_embedding_stays_a_leaf_when_moved():
     model = HRM(tiny_config()).double()
     assert model.puzzle_emb.local_weights.is_leaf and model.puzzle_emb.local_weights.requires_grad
@@ -2964,17 +3015,26 @@ def read_eval_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def test_tiny_hrm_learns_a_task(reverse_task, tmp_path):
+@pytest.mark.parametrize("recipe", [[], ["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2", "--max_steps=200",
+                                         "--eval_interval=200"]], ids=["paper", "mlp_mixer_full_cycle_gradient"])
+def test_tiny_hrm_learns_a_task(reverse_task, tmp_path, recipe):
+    # reversing needs positions: with the MLP mixer and no position encoding they come from the mixer alone,
+    # whose per-position weights suit a fixed permutation: it reverses every sequence exactly in 200 steps
     out = str(tmp_path / "out")
     result = run_script("train.py", ["--dataset=reverse", f"--out_dir={out}", "--global_batch_size=32",
                                      "--hidden_size=64", "--puzzle_emb_ndim=0", "--halt_max_steps=2",
                                      "--learning_rate=1e-3", "--warmup_steps=20", "--weight_decay=0.1",
-                                     "--max_steps=500", "--eval_interval=500"] + TINY_MODEL[1:], cwd=reverse_task)
+                                     "--max_steps=500", "--eval_interval=500"] + TINY_MODEL[1:] + recipe,
+                        cwd=reverse_task)
     # the backend choice is shown once: head_dim 32 has no kernel (or, without triton, no kernels at all)
-    assert len(re.findall(r"hrm\.attn: attention: PyTorch SDPA \((head_dim 32 not in|triton is not installed)",
-                          result.stderr)) == 1, result.stderr[-2000:]
+    if not recipe:
+        assert len(re.findall(r"hrm\.attn: attention: PyTorch SDPA \((head_dim 32 not in|triton is not installed)",
+                              result.stderr)) == 1, result.stderr[-2000:]
     final = read_eval_log(out)[-1]
-    assert final["step"] == 500 and final["accuracy"] > 0.3, final  # chance is 1/9 per digit
+    if recipe:
+        assert final["step"] == 200 and final["exact_accuracy"] > 0.8, final
+    else:
+        assert final["step"] == 500 and final["accuracy"] > 0.3, final  # chance is 1/9 per digit
 
 
 RESUME_ARGS = ["--dataset=reverse", "--global_batch_size=8", "--puzzle_emb_ndim=32", "--halt_max_steps=3",

@@ -66,7 +66,9 @@ L_layers = 4
 hidden_size = 512
 num_heads = 8
 expansion = 4.0
-pos_encodings = 'rope'      # 'rope' or 'learned'
+pos_encodings = 'rope'      # 'rope', 'learned' or 'none'
+mixer = 'attention'         # token mixing: 'attention', or 'mlp' across the positions (TRM's for Sudoku)
+grad_L_steps = 1            # L steps of the last H cycle that backpropagate (1: the paper's 1-step gradient)
 puzzle_emb_ndim = 512       # 0 = no puzzle embedding
 halt_max_steps = 16
 halt_exploration_prob = 0.1
@@ -104,8 +106,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 # a resumed run continues with the config it was trained with, changed only by this command's overrides
 FIXED_KEYS = ('H_cycles', 'L_cycles', 'H_layers', 'L_layers', 'hidden_size', 'num_heads', 'expansion', 'pos_encodings',
-              'puzzle_emb_ndim', 'loss_type', 'dataset', 'global_batch_size', 'optimizer', 'input_len', 'horizon',
-              'ts_layout', 'ts_head', 'patch_len', 'ts_loss')  # what a resume cannot change
+              'mixer', 'puzzle_emb_ndim', 'loss_type', 'dataset', 'global_batch_size', 'optimizer', 'input_len',
+              'horizon', 'ts_layout', 'ts_head', 'patch_len', 'ts_loss')  # what a resume cannot change
 MACHINE_KEYS = ('device', 'dtype', 'compile', 'backend')  # taken from this machine, not from the checkpoint
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
@@ -191,7 +193,8 @@ if meta.get('task'):
 total_steps = max(1, int(epochs * examples_per_epoch / global_batch_size))  # lr schedule
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
 model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
-                  num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings, halt_max_steps=halt_max_steps,
+                  num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings, mixer=mixer,
+                  grad_L_steps=grad_L_steps, halt_max_steps=halt_max_steps,
                   halt_exploration_prob=halt_exploration_prob, act_continue=act_continue, halt_adaptive=halt_adaptive,
                   forward_dtype=dtype)
 iter_num, eval_seconds = 0, 0.0
@@ -206,7 +209,7 @@ else:
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
         if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob', 'act_continue',
-                     'halt_adaptive') and model_args.get(k) != v:
+                     'halt_adaptive', 'grad_L_steps') and model_args.get(k) != v:
             raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
                             f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
