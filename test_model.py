@@ -3163,9 +3163,13 @@ def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path):
                + TINY_MODEL[1:], cwd=tmp_path)
     run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True", "--halt_adaptive=True"],
                cwd=tmp_path)
-    fixed, adaptive = read_eval_log(out)
+    # eval_halt_max_steps: evaluation runs longer than training does
+    run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True", "--eval_halt_max_steps=7"],
+               cwd=tmp_path)
+    fixed, adaptive, longer = read_eval_log(out)
     assert fixed["exact_accuracy"] == adaptive["exact_accuracy"] == 1.0, (fixed, adaptive)
     assert fixed["steps"] == 4 and adaptive["steps"] == 1
+    assert longer["steps"] == 7 and longer["exact_accuracy"] > 0.95, longer  # past training a sequence may drift
 
 
 def test_torchrun_two_processes_equal_one(reverse_task, tmp_path):

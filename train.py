@@ -58,6 +58,7 @@ max_steps = 0               # if > 0, stop here instead (the lr schedule still s
 max_minutes = 0.0           # if > 0, the whole run's wall-clock budget, start to final evaluation: the lr schedule
                             # is fitted to the steps that fit, measured on the first FIT_STEPS steps
 eval_max_examples = 0       # if > 0, evaluate on the first this-many examples of each evaluation split only
+eval_halt_max_steps = 0     # if > 0, evaluation runs (halt_adaptive: at most) this many ACT segments, not halt_max_steps
 # model
 H_cycles = 2
 L_cycles = 2
@@ -130,6 +131,7 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('eval_interval', eval_interval > 0, '> 0'), ('log_interval', log_interval > 0, '> 0'),
           ('max_steps', max_steps >= 0, '>= 0 (0 = the whole schedule)'),
           ('eval_max_examples', eval_max_examples >= 0, '>= 0'),
+          ('eval_halt_max_steps', eval_halt_max_steps >= 0, '>= 0 (0 = halt_max_steps)'),
           ('seed', seed >= 0, '>= 0'), ('warmup_steps', warmup_steps >= 0, '>= 0'),
           ('lr_min_ratio', 0 <= lr_min_ratio <= 1, 'in [0, 1]'), ('grad_clip', grad_clip >= 0, '>= 0'),
           ('max_minutes', max_minutes >= 0, '>= 0 (0 = no budget)'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
@@ -342,6 +344,7 @@ def evaluate():
     predictions; those of a split other than test are named with the split first (val_mse)."""
     model_in_eval = model.module if ddp else model
     raw_model.eval()
+    raw_model.config.halt_max_steps = eval_halt_max_steps or halt_max_steps  # ACT can think longer than trained
     result = {}
     for split, data in eval_sets.items():
         num_eval = data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, data.num_examples)
@@ -364,6 +367,7 @@ def evaluate():
             metrics.update(task_evaluate(data, predictions, q_halt, out_dir))
         result.update({k if split == 'test' else f'{split}_{k}': v for k, v in metrics.items()})
     raw_model.train()
+    raw_model.config.halt_max_steps = halt_max_steps
     return result
 
 
