@@ -254,9 +254,9 @@ def write_dataset(path, entries, identifiers):
     os.makedirs(parent, exist_ok=True)
     remove_stale_temp_files(parent)
     tmp, old = temp_path(path), os.path.join(parent, f".{name}.old-{os.getpid()}")
-    os.makedirs(tmp)
-    open(os.path.join(tmp, TEMP_MARK), "w").close()
-    try:
+    try:  # an interrupt even between making the directory and marking it leaves nothing
+        os.makedirs(tmp)
+        open(os.path.join(tmp, TEMP_MARK), "w").close()
         for entry, contents in entries.items():
             if callable(contents):
                 contents(os.path.join(tmp, entry))

@@ -1631,11 +1631,13 @@ def test_sigterm_mid_build_leaves_nothing(tmp_path):
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    if proc.returncode == 0:
+    _, err = proc.communicate(timeout=60)
+    left = os.listdir(tmp_path / "data")
+    # a signal in the interpreter's shutdown, after the build, meets the default handler (-SIGTERM)
+    if proc.returncode in (0, -signal.SIGTERM) and left == ["sudoku-extreme-1k-aug-1000"]:
         pytest.skip("the build finished before the signal arrived")
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert os.listdir(tmp_path / "data") == []
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert left == []
 
 
 # -----------------------------------------------------------------------------
