@@ -19,6 +19,7 @@ In the order it runs:
 
     python bench.py                                            # Sudoku step, checks, ops
     python bench.py --step=maze --check=False --ops=False      # the step at the Maze shape
+    python bench.py --fp8=True --check=False --ops=False       # and the step with FP8 no-grad matmuls
     python bench.py --device=cpu --dtype=float16               # dry run: interpreter, tiny shapes
 """
 import logging
@@ -38,6 +39,7 @@ dtype = 'bfloat16'          # 'bfloat16' or 'float16'
 step = 'sudoku'             # the whole training step at the 'sudoku' shape, 'maze', 'both' or 'none'
 windows = 5                 # timed windows per backend, the backends taking turns
 steps_per_window = 10
+fp8 = False                 # also time the step with HRMConfig.fp8 (the blocks' no-grad matmuls in FP8)
 check = True
 ops = True
 config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
@@ -72,6 +74,8 @@ has_hopper = kernels.kernels_hopper is not None and (tiny or torch.cuda.get_devi
 BACKENDS = {"hopper": (True, True), "reference": (True, False), "pytorch": (False, True)}  # set_use_flash, _hopper
 if not has_hopper:
     del BACKENDS["hopper"]
+# the training step's variants: each backend, and with fp8 the default backend's step with FP8 matmuls
+STEP_VARIANTS = {name: (name, False) for name in BACKENDS} | ({"fp8": (next(iter(BACKENDS)), True)} if fp8 else {})
 
 
 def use_backend(name):
@@ -88,14 +92,15 @@ def sync():
 # 1. the whole compiled training step
 
 def make_train_step(name, shape):
-    """A function that runs one training step of its own model, optimizers and carry under backend `name`."""
+    """A function that runs one training step of its own model, optimizers and carry as variant `name`."""
     B, T = SHAPES[shape]
-    use_backend(name)
+    backend, with_fp8 = STEP_VARIANTS[name]
+    use_backend(backend)
     torch.manual_seed(0)
     vocab = 11 if shape == "sudoku" else 6
     config = HRMConfig(vocab_size=vocab, seq_len=T - 1, puzzle_emb_ndim=hidden, num_puzzle_identifiers=1000,
                        batch_size=B, H_cycles=2, L_cycles=2, H_layers=1 if tiny else 4, L_layers=1 if tiny else 4,
-                       hidden_size=hidden, expansion=4.0, num_heads=n_head, forward_dtype=dtype)
+                       hidden_size=hidden, expansion=4.0, num_heads=n_head, forward_dtype=dtype, fp8=with_fp8)
     model = HRM(config).to(device).train()
     optimizers = [o for o in model.configure_optimizers(1e-4, 1.0, (0.9, 0.95), 1e-4, 1.0) if o is not None]
     compiled = model if tiny else torch.compile(model)  # dynamo cannot trace kernels under the interpreter
@@ -123,7 +128,7 @@ def time_train_steps(shape):
     torch._dynamo.reset()
     counters.clear()
     steps = {}
-    for name in BACKENDS:
+    for name in STEP_VARIANTS:
         t0 = time.perf_counter()
         steps[name] = make_train_step(name, shape)
         for _ in range(1 if tiny else 3):  # compile, warm up
@@ -131,10 +136,10 @@ def time_train_steps(shape):
         sync()
         print(f"{name}: warm-up incl. compile {time.perf_counter() - t0:.0f} s, loss {loss.item():.4f}")
     graphs = counters["stats"]["unique_graphs"]
-    times = {name: [] for name in BACKENDS}
+    times = {name: [] for name in STEP_VARIANTS}
     for _ in range(windows):
-        for name in BACKENDS:  # the flags are read at trace time, and dynamo guards on them: no recompile
-            use_backend(name)
+        for name in STEP_VARIANTS:  # the flags are read at trace time, and dynamo guards on them: no recompile
+            use_backend(STEP_VARIANTS[name][0])
             sync()
             t0 = time.perf_counter()
             for _ in range(steps_per_window):
@@ -155,6 +160,10 @@ def time_train_steps(shape):
     if has_hopper:
         print(f"{shape} step: the tuned paths take {median['hopper'] - median['reference']:+.2f} ms "
               f"({median['reference'] / median['hopper']:.3f}x) against the reference kernels")
+    if fp8:
+        exact = STEP_VARIANTS['fp8'][0]
+        print(f"{shape} step: FP8 no-grad matmuls take {median['fp8'] - median[exact]:+.2f} ms "
+              f"({median[exact] / median['fp8']:.3f}x) against the {exact} step")
 
 
 if step != 'none':

@@ -44,8 +44,26 @@ def trunc_normal_(tensor, std=1.0, lower=-2.0, upper=2.0):
     return tensor.clamp_(lower * scale, upper * scale)
 
 
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+
+
+def fp8_linear(x, weight):
+    """x @ weight^T through float8 (e4m3): each row of x and of weight scaled so that its largest entry is
+    FP8_MAX, rounded to FP8, multiplied (torch._scaled_mm accumulates in float32) and scaled back, in x's
+    dtype. Three mantissa bits: a product's relative error is a few percent, not bfloat16's fraction of one."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    x_scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    w_scale = weight.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    out = torch._scaled_mm((rows / x_scale).to(torch.float8_e4m3fn),
+                           (weight.float() / w_scale).to(torch.float8_e4m3fn).t(),
+                           scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class CastedLinear(nn.Linear):
-    """nn.Linear with float32 master weights, cast to the input's dtype (bfloat16) when used."""
+    """nn.Linear with float32 master weights, cast to the input's dtype (bfloat16) when used. With `fp8` set
+    (HRMConfig.fp8), a pass without gradient multiplies in FP8 instead."""
+    fp8 = False
 
     def reset_parameters(self):
         trunc_normal_(self.weight, std=self.in_features ** -0.5)  # truncated LeCun normal
@@ -53,6 +71,8 @@ class CastedLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
     def forward(self, x):
+        if self.fp8 and not torch.is_grad_enabled():
+            return fp8_linear(x, self.weight)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -217,6 +237,8 @@ class HRMConfig:
     halt_exploration_prob: float = 0.1
     grad_L_steps: int = 1           # L steps of the last H cycle that backpropagate: 1 is the paper's 1-step
                                     # gradient, L_cycles TRM's gradient through the whole last cycle
+    fp8: bool = False               # the blocks' matmuls in passes without gradient in FP8: all of the recurrence
+                                    # but its last L and H steps, the Q-continue pass, evaluation
     act_continue: bool = True       # Q-continue learnt from a bootstrapped second pass; False: halt at Q-halt > 0
     halt_adaptive: bool = False     # in evaluation too, each sequence halts where its Q head says (training always)
     forward_dtype: str = "bfloat16"
@@ -284,6 +306,11 @@ class HRM(nn.Module):
 
         self.H_level = ReasoningModule(config, config.H_layers, max_positions)
         self.L_level = ReasoningModule(config, config.L_layers, max_positions)
+        if config.fp8:  # the blocks' matmuls whose sizes are multiples of 16, as FP8 matmuls need
+            for level in (self.H_level, self.L_level):
+                for linear in level.modules():
+                    if isinstance(linear, CastedLinear) and linear.in_features % 16 == linear.out_features % 16 == 0:
+                        linear.fp8 = True
         # the states every example starts from (fixed random vectors, not trained)
         self.register_buffer("H_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
         self.register_buffer("L_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))

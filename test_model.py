@@ -47,8 +47,8 @@ import kernels  # noqa: E402
 import prepare_sudoku as ps  # noqa: E402
 import prepare_timeseries as pt  # noqa: E402
 from model import (HRM, HRMConfig, IGNORE_LABEL_ID, AdamAtan2, PuzzleEmbeddingSignSGD, RotaryEmbedding, WeightEMA,  # noqa: E402
-                   config_from_reference, convert_reference_state_dict, load_reference_checkpoint, softmax_cross_entropy,
-                   stablemax_cross_entropy)
+                   config_from_reference, convert_reference_state_dict, fp8_linear, load_reference_checkpoint,
+                   softmax_cross_entropy, stablemax_cross_entropy)
 from model import ForecastConfig, build_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -518,6 +518,37 @@ def test_the_mlp_mixer_mixes_positions_without_attention():
     assert not torch.allclose(outputs["logits"].roll(1, dims=1), moved["logits"], atol=1e-4)
     with pytest.raises(ValueError, match="mixer='mlp': must be 'attention' for a forecaster"):
         ForecastConfig(mixer="mlp")
+
+
+def test_fp8_linear_is_a_linear_to_a_few_percent():
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 50, 128, generator=g), torch.randn(96, 128, generator=g) / 10
+    x[0, 0] *= 100  # a row's scale is its own: one large row costs the others nothing
+    out, exact = fp8_linear(x.bfloat16(), weight), F.linear(x, weight)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 50, 96)
+    errors = ((out.float() - exact).norm(dim=-1) / exact.norm(dim=-1)).flatten()
+    assert errors.max() < 0.08 and errors.mean() < 0.05, errors.max()
+    assert errors.mean() > 0.005  # it is FP8: bfloat16 alone would be ten times closer
+
+
+def test_fp8_covers_the_no_grad_passes_only():
+    config = tiny_config(act_continue=False, hidden_size=64, num_heads=4)
+    exact, fp8 = HRM(config).train(), HRM(dataclasses.replace(config, fp8=True)).train()
+    fp8.load_state_dict(exact.state_dict())
+    flagged = {n for n, m in fp8.named_modules() if getattr(m, "fp8", False)}
+    assert flagged and all(n.startswith(("H_level.", "L_level.")) for n in flagged)
+    assert not any(getattr(m, "fp8", False) for m in exact.modules())
+    block_in = torch.randn(4, 17, 64)
+    with torch.no_grad():  # a pass without gradient: FP8, close to the exact one
+        a, b = exact.L_level(block_in, block_in, None), fp8.L_level(block_in, block_in, None)
+        assert not torch.equal(a, b) and (a - b).norm() / a.norm() < 0.1
+    assert torch.equal(exact.L_level(block_in, block_in, None), fp8.L_level(block_in, block_in, None))  # with grad
+    batch = random_batch(config)
+    (_, loss_exact, _, out_exact), (_, loss_fp8, _, out_fp8) = (
+        m(m.initial_carry(batch), batch) for m in (exact, fp8))
+    assert loss_exact != loss_fp8 and abs(loss_exact - loss_fp8) / loss_exact < 0.05
+    loss_fp8.backward()
+    assert all(p.grad is not None for p in fp8.L_level.parameters())
 
 
 def test_puzzle_embedding_stays_a_leaf_when_moved():
@@ -3131,6 +3162,14 @@ def test_a_refitted_budget_never_raises_the_learning_rate(reverse_task, tmp_path
     after_warmup = [lr for step, lr in lrs if step >= 5]
     assert after_warmup[0] == 1e-3 and after_warmup[-1] == 1e-4
     assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:])), after_warmup
+
+
+def test_train_py_passes_fp8_to_the_model(reverse_task, tmp_path):
+    # the FP8 passes train (a tiny model: _scaled_mm on a CPU is slow) and the checkpoint says so
+    run_script("train.py", RESUME_ARGS + [f"--out_dir={tmp_path}", "--fp8=True", "--max_steps=10"], cwd=reverse_task)
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["model_args"]["fp8"] is True and checkpoint["iter_num"] == 10
+    assert math.isfinite(read_eval_log(tmp_path)[-1]["lm_loss"])
 
 
 def test_the_weight_average_is_evaluated_saved_and_resumed(reverse_task, tmp_path):

@@ -70,6 +70,7 @@ expansion = 4.0
 pos_encodings = 'rope'      # 'rope', 'learned' or 'none'
 mixer = 'attention'         # token mixing: 'attention', or 'mlp' across the positions (TRM's for Sudoku)
 grad_L_steps = 1            # L steps of the last H cycle that backpropagate (1: the paper's 1-step gradient)
+fp8 = False                 # the blocks' matmuls in FP8 where no gradient flows (recurrence, Q-continue, evaluation)
 puzzle_emb_ndim = 512       # 0 = no puzzle embedding
 halt_max_steps = 16
 halt_exploration_prob = 0.1
@@ -196,7 +197,7 @@ total_steps = max(1, int(epochs * examples_per_epoch / global_batch_size))  # lr
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
 model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
                   num_heads=num_heads, expansion=expansion, pos_encodings=pos_encodings, mixer=mixer,
-                  grad_L_steps=grad_L_steps, halt_max_steps=halt_max_steps,
+                  grad_L_steps=grad_L_steps, fp8=fp8, halt_max_steps=halt_max_steps,
                   halt_exploration_prob=halt_exploration_prob, act_continue=act_continue, halt_adaptive=halt_adaptive,
                   forward_dtype=dtype)
 iter_num, eval_seconds = 0, 0.0
@@ -211,7 +212,7 @@ else:
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
         if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob', 'act_continue',
-                     'halt_adaptive', 'grad_L_steps') and model_args.get(k) != v:
+                     'halt_adaptive', 'grad_L_steps', 'fp8') and model_args.get(k) != v:
             raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
                             f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
