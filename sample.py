@@ -78,6 +78,7 @@ variable = ''               # time series: the variable (column) to draw; '' = t
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 compile = False             # torch.compile the model (worth it for thousands of inputs on a GPU)
+fp8 = False                 # the blocks' matmuls in FP8 (train.py's fp8); unset: as the run trained
 config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
 # -----------------------------------------------------------------------------
 
@@ -86,7 +87,10 @@ def load_model():
     """(task, model, forward): the checkpoint's model in eval mode, and it or its compiled version."""
     try:
         checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-        model = build_model(dict(checkpoint['model_args'], forward_dtype=dtype))
+        model_args = dict(checkpoint['model_args'], forward_dtype=dtype)
+        if 'fp8' in config_overrides:
+            model_args['fp8'] = fp8
+        model = build_model(model_args)
     except DataError as e:
         raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
     # a run that kept an average of its weights evaluated with it: so does sample.py
@@ -137,7 +141,8 @@ def run(model, forward, tokens, puzzle_identifiers=None):
     predictions, q_halt, segments = predictions.cpu().numpy(), q_halt.cpu().numpy(), segments.cpu().numpy()
     seconds = time.time() - started
     print(f"{len(tokens):,} input(s) in {seconds:.2f} s ({len(tokens) / seconds:,.0f}/s), "
-          f"{segments.mean():.2f} segments on average" + (' (halting adaptively)' if halt_adaptive else ''))
+          f"{segments.mean():.2f} segments on average" + (' (halting adaptively)' if halt_adaptive else '')
+          + (', FP8 matmuls' if model.config.fp8 else ''))
     return predictions[None], q_halt[None], segments
 
 

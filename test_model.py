@@ -3375,6 +3375,11 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     assert "(halting adaptively)" not in run_script("sample.py", args + ["--halt_adaptive=False"], cwd=tmp_path).stdout
     shown = run_script("sample.py", args[:1] + [f"--puzzle={puzzle}", "--show_steps=True"], cwd=tmp_path).stdout
     assert sum(l.startswith("after segment") for l in shown.splitlines()) == 2
+    # FP8 inference of a model trained without it: the same puzzles scored, the speed line says so
+    args = [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True"]
+    assert ", FP8 matmuls" not in scored.stdout
+    fp8 = run_script("sample.py", args + ["--fp8=True"], cwd=tmp_path).stdout
+    assert "2.00 segments on average, FP8 matmuls" in fp8 and "4 puzzle(s) through the model" in fp8
 
     one_line_error(run_script("sample.py", [f"--out_dir={tmp_path / 'none'}", f"--puzzle={puzzle}"], cwd=tmp_path,
                               check=False), "no such file (train a model with train.py, or set --out_dir)")
