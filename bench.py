@@ -57,11 +57,13 @@ if device == 'cpu':
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
-from model import HRM, HRMConfig, RotaryEmbedding  # noqa: E402
+from model import HRM, HRMConfig, RotaryEmbedding, check_fp8  # noqa: E402
 
 logging.basicConfig(format="%(name)s: %(message)s")
 logging.getLogger("hrm.attn").setLevel(logging.INFO)  # each backend's choices, as they are traced
 torch._dynamo.config.recompile_limit = 32  # three backends' graphs of the same model code
+if fp8:
+    check_fp8(device, dtype)
 dt = getattr(torch, dtype)
 tiny = device == 'cpu'
 if tiny:

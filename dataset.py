@@ -255,6 +255,7 @@ def write_dataset(path, entries, identifiers):
     remove_stale_temp_files(parent)
     tmp, old = temp_path(path), os.path.join(parent, f".{name}.old-{os.getpid()}")
     try:  # an interrupt even between making the directory and marking it leaves nothing
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed build of an earlier process with this pid
         os.makedirs(tmp)
         open(os.path.join(tmp, TEMP_MARK), "w").close()
         for entry, contents in entries.items():

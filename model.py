@@ -309,8 +309,12 @@ class HRM(nn.Module):
         if config.fp8:  # the blocks' matmuls whose sizes are multiples of 16, as FP8 matmuls need
             for level in (self.H_level, self.L_level):
                 for linear in level.modules():
-                    if isinstance(linear, CastedLinear) and linear.in_features % 16 == linear.out_features % 16 == 0:
+                    if isinstance(linear, CastedLinear) and linear.bias is None and \
+                            linear.in_features % 16 == linear.out_features % 16 == 0:
                         linear.fp8 = True
+            if not any(linear.fp8 for linear in self.modules() if isinstance(linear, CastedLinear)):
+                raise DataError(f"fp8=True: no matmul of the blocks has both sizes a multiple of 16, as FP8 needs "
+                                f"(hidden_size={config.hidden_size})")
         # the states every example starts from (fixed random vectors, not trained)
         self.register_buffer("H_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
         self.register_buffer("L_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
@@ -1014,3 +1018,18 @@ def check_device(device):
     if device == "mps" and not torch.backends.mps.is_available():
         raise DataError("device='mps', but MPS is not available here")
     return device
+
+
+def check_fp8(device, dtype):
+    """For fp8=True: FP8 matmuls with a scale per row run on the CPU, and on CUDA GPUs of compute capability
+    8.9 (Ada, Hopper) or newer, in bfloat16 there; else a DataError saying why."""
+    if device == "mps":
+        raise DataError("fp8=True: torch has no FP8 matmul on MPS; use device='cuda' or 'cpu'")
+    if device.startswith("cuda"):
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise DataError(f"fp8=True needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
+        if dtype != "bfloat16":
+            raise DataError(f"fp8=True: on a GPU the FP8 matmuls return bfloat16, so dtype={dtype!r} must be "
+                            f"'bfloat16'")

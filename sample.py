@@ -54,7 +54,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, write_text_atomically
-from model import build_model, check_device, load_checkpoint
+from model import build_model, check_device, check_fp8, load_checkpoint
 
 # -----------------------------------------------------------------------------
 _not_config = set(globals())
@@ -87,18 +87,19 @@ def load_model():
     """(task, model, forward): the checkpoint's model in eval mode, and it or its compiled version."""
     try:
         checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-        model_args = dict(checkpoint['model_args'], forward_dtype=dtype)
-        if 'fp8' in config_overrides:
-            model_args['fp8'] = fp8
-        model = build_model(model_args)
+        model = build_model(dict(checkpoint['model_args'], forward_dtype=dtype,
+                                 **({'fp8': fp8} if 'fp8' in config_overrides else {})))
     except DataError as e:
         raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
+    if model.config.fp8:
+        check_fp8(device, dtype)
     # a run that kept an average of its weights evaluated with it: so does sample.py
     model.load_state_dict({**checkpoint['model'], **(checkpoint.get('ema') or {})})
     global dataset, halt_adaptive
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
-    if halt_max_steps > 0:
-        model.config.halt_max_steps = halt_max_steps  # ACT can think longer than it was trained to
+    # ACT can think longer than it was trained to; unset: as long as the run evaluated (eval_halt_max_steps)
+    model.config.halt_max_steps = halt_max_steps or checkpoint['config'].get('eval_halt_max_steps') or \
+        model.config.halt_max_steps
     if 'halt_adaptive' not in config_overrides:  # as the run evaluated, unless every segment is to be shown
         halt_adaptive = checkpoint['model_args'].get('halt_adaptive', False) and not show_steps
     model.config.halt_adaptive = halt_adaptive

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, check_ranges,
                      eval_batches, exit_cleanly, remove_stale_temp_files, write_atomically,
                      write_text_atomically)
-from model import Carry, WeightEMA, build_model, check_device, load_checkpoint, load_reference_checkpoint
+from model import (Carry, WeightEMA, build_model, check_device, check_fp8, load_checkpoint,
+                   load_reference_checkpoint)
 
 exit_cleanly('train.py')  # bad input (data, checkpoint, config) ends the run with one line, not a traceback
 run_start = time.time()  # max_minutes counts from here
@@ -58,7 +59,7 @@ max_steps = 0               # if > 0, stop here instead (the lr schedule still s
 max_minutes = 0.0           # if > 0, the whole run's wall-clock budget, start to final evaluation: the lr schedule
                             # is fitted to the steps that fit, measured on the first FIT_STEPS steps
 eval_max_examples = 0       # if > 0, evaluate on the first this-many examples of each evaluation split only
-eval_halt_max_steps = 0     # if > 0, evaluation runs (halt_adaptive: at most) this many ACT segments, not halt_max_steps
+eval_halt_max_steps = 0     # if > 0, evaluation runs (halt_adaptive: at most) this many ACT segments
 # model
 H_cycles = 2
 L_cycles = 2
@@ -143,6 +144,8 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
 check_ranges(globals(), _rules)
 check_device(device)
+if fp8:
+    check_fp8(device, dtype)
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
 if ddp:
@@ -226,7 +229,8 @@ if checkpoint is not None:
         decay_anchor = tuple(budget.get('decay_anchor', decay_anchor))
         run_start -= 60 * budget['minutes']
         # past the fit, which refits the schedule to the minutes given now
-        stop_step = max(iter_num + FIT_STEPS + 1, min(total_steps, max_steps) if max_steps > 0 else total_steps)
+        stop_step = max(iter_num + FIT_STEPS + 1, total_steps)
+        stop_step = min(stop_step, max_steps) if max_steps > 0 else stop_step
     if iter_num >= stop_step and not eval_only:
         raise DataError(f"{ckpt_path} is at step {iter_num:,}, the end of this run ({stop_step:,} steps): nothing to "
                         f"train; raise max_steps or epochs, or evaluate with --eval_only=True")
