@@ -63,7 +63,8 @@ puzzle = ''                 # Sudoku: one puzzle
 puzzles = ''                # Sudoku: a text file of puzzles, or a CSV with a 'question' (and 'answer') column
 maze = ''                   # Maze: one maze (size*size characters), a text file of mazes, or a CSV like puzzles
 max_puzzles = 0             # if > 0, solve only the first this-many
-halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with)
+halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the number trained with); 0: as the run
+                            # evaluated (train.py's eval_halt_max_steps, else halt_max_steps)
 show_steps = False          # print the board after every segment with the Q head's halting probability
 halt_adaptive = False       # each input stops where its Q head says halt, as in training (else halt_max_steps);
                             # unset: as the run evaluated (train.py's halt_adaptive)
