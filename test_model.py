@@ -18,6 +18,7 @@ One section per file under test:
 import copy
 import csv
 import dataclasses
+import filecmp
 import functools
 import hashlib
 import http.server
@@ -3058,11 +3059,11 @@ def read_eval_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("recipe", [[], ["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2", "--max_steps=200",
-                                         "--eval_interval=200"]], ids=["paper", "mlp_mixer_full_cycle_gradient"])
+@pytest.mark.parametrize("recipe", [[], ["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2", "--max_steps=120",
+                                         "--eval_interval=120"]], ids=["paper", "mlp_mixer_full_cycle_gradient"])
 def test_tiny_hrm_learns_a_task(reverse_task, tmp_path, recipe):
     # reversing needs positions: with the MLP mixer and no position encoding they come from the mixer alone,
-    # whose per-position weights suit a fixed permutation: it reverses every sequence exactly in 200 steps
+    # whose per-position weights suit a fixed permutation: in 120 steps it reverses 94% of the digits
     out = str(tmp_path / "out")
     result = run_script("train.py", ["--dataset=reverse", f"--out_dir={out}", "--global_batch_size=32",
                                      "--hidden_size=64", "--puzzle_emb_ndim=0", "--halt_max_steps=2",
@@ -3075,7 +3076,7 @@ def test_tiny_hrm_learns_a_task(reverse_task, tmp_path, recipe):
                               result.stderr)) == 1, result.stderr[-2000:]
     final = read_eval_log(out)[-1]
     if recipe:
-        assert final["step"] == 200 and final["exact_accuracy"] > 0.8, final
+        assert final["step"] == 120 and final["accuracy"] > 0.8 and final["exact_accuracy"] > 0.25, final
     else:
         assert final["step"] == 500 and final["accuracy"] > 0.3, final  # chance is 1/9 per digit
 
@@ -3133,7 +3134,7 @@ def test_a_kill_between_evaluation_and_checkpoint_leaves_no_duplicate_log_line(r
 def test_a_budgeted_run_fits_its_schedule_to_the_minutes(reverse_task, tmp_path):
     out = tmp_path / "out"
     started = time.time()
-    result = run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--epochs=1000", "--max_minutes=0.3",
+    result = run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--epochs=1000", "--max_minutes=0.2",
                                                    "--eval_interval=1000", "--log_interval=100000"], cwd=reverse_task)
     took = time.time() - started
     fitted = re.search(r"the run ends at step ([\d,]+)", result.stdout)
@@ -3142,28 +3143,28 @@ def test_a_budgeted_run_fits_its_schedule_to_the_minutes(reverse_task, tmp_path)
     # the first evaluation comes at the fit, the last at the end of the fitted schedule (a log interval longer
     # than the run does not end it at the fit), inside the budget
     assert fitted and checkpoint["budget"]["total_steps"] >= checkpoint["iter_num"] > 250 and log[0]["step"] == 25
-    assert log[-1]["step"] == checkpoint["iter_num"] and log[-1]["minutes"] <= 0.3 + 0.05
-    assert took < 0.3 * 60 + 30, (took, result.stdout[-1500:])
+    assert log[-1]["step"] == checkpoint["iter_num"] and log[-1]["minutes"] <= 0.2 + 0.05
+    assert took < 0.2 * 60 + 30, (took, result.stdout[-1500:])
     assert re.search(r"^step 25 \(\d+\.\d min\):", result.stdout, re.M)
     # resumed, its clock goes on: with little time left it stops by itself, inside the budget, evaluated and saved
-    budget = 0.3 + (checkpoint["budget"]["eval_seconds"] + 3) / 60
+    budget = 0.2 + (checkpoint["budget"]["eval_seconds"] + 3) / 60
     run_script("train.py", [f"--out_dir={out}", "--init_from=resume", f"--max_minutes={budget}", "--log_interval=1"],
                cwd=reverse_task)
     resumed, log = load_checkpoint(out), read_eval_log(out)
     assert resumed["iter_num"] > checkpoint["iter_num"] and resumed["budget"]["minutes"] <= budget
     assert log[-1]["step"] == resumed["iter_num"] and log[-1]["minutes"] <= budget + 0.05
-    one_line_error(run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--max_minutes=0.3"],
+    one_line_error(run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--max_minutes=0.2"],
                               cwd=reverse_task, check=False), "nothing to train; raise max_minutes")
 
 
 def test_a_refitted_budget_never_raises_the_learning_rate(reverse_task, tmp_path):
-    # resumed with a budget 2.5x longer, the run refits its schedule to far more steps than the first run's; the
+    # resumed with a budget 2.4x longer, the run refits its schedule to far more steps than the first run's; the
     # decay goes on from where it was instead of jumping back up the cosine
     out, args = tmp_path / "out", ["--log_interval=1", "--eval_interval=100000"]
-    first = run_script("train.py", RESUME_ARGS + args + [f"--out_dir={out}", "--epochs=1000", "--max_minutes=0.1"],
+    first = run_script("train.py", RESUME_ARGS + args + [f"--out_dir={out}", "--epochs=1000", "--max_minutes=0.07"],
                        cwd=reverse_task)
     ended = load_checkpoint(out)["iter_num"]
-    resumed = run_script("train.py", args + [f"--out_dir={out}", "--init_from=resume", "--max_minutes=0.25"],
+    resumed = run_script("train.py", args + [f"--out_dir={out}", "--init_from=resume", "--max_minutes=0.17"],
                          cwd=reverse_task)
     assert load_checkpoint(out)["iter_num"] > 1.2 * ended
     lrs = [(int(step), float(lr)) for step, lr in
@@ -3253,6 +3254,22 @@ def test_torchrun_two_processes_equal_one(reverse_task, tmp_path):
     assert ddp["world_size"] == 2 and ddp["carry"]["z_H"].shape[0] == 8
     for key, value in single["model"].items():
         assert torch.allclose(ddp["model"][key].float(), value.float(), atol=1e-6), key
+
+
+def test_torchrun_two_processes_evaluate_a_task_as_one(tmp_path):
+    # ARC's votes (as a maze's path checks, through the same code) come from predictions gathered from both
+    # processes in rank order
+    assert run_prepare("--source=sample", "--num_aug=2", cwd=tmp_path, script="prepare_arc.py").returncode == 0
+    args = ["--dataset=arc-sample-aug-2", "--puzzle_emb_ndim=16", "--global_batch_size=8", "--max_steps=4",
+            "--eval_interval=4", "--halt_max_steps=2", "--halt_exploration_prob=0.0", "--backend=gloo"] + TINY_MODEL
+    two = run_script("train.py", args + [f"--out_dir={tmp_path / 'two'}"], cwd=tmp_path, nproc=2)
+    run_script("train.py", args + [f"--out_dir={tmp_path / 'one'}"], cwd=tmp_path)
+    assert "on 2 process(es)" in two.stdout and load_checkpoint(tmp_path / "two")["world_size"] == 2
+    (by_two,), (by_one,) = read_eval_log(tmp_path / "two"), read_eval_log(tmp_path / "one")
+    assert "task_pass@2" in by_one and by_two.keys() == by_one.keys()
+    for key in by_one.keys() - {"minutes"}:
+        assert by_two[key] == pytest.approx(by_one[key], abs=1e-5), key
+    assert filecmp.cmp(tmp_path / "two" / "submission.json", tmp_path / "one" / "submission.json", shallow=False)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(reverse_task, tmp_path):
@@ -3388,33 +3405,28 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     assert "4 puzzle(s) through the model" in scored.stdout and "/4 = " in scored.stdout
     assert "4 input(s) in " in scored.stdout and "2.00 segments on average" in scored.stdout
     # halting where the Q head says: at most the trained 2 segments per puzzle, the same puzzles scored
+    # (and FP8 inference of a model trained without it, which the speed line names)
     adaptive = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True",
-                                        "--halt_adaptive=True", "--batch_size=3"], cwd=tmp_path)
-    mean = float(re.search(r"([0-9.]+) segments on average \(halting adaptively\)", adaptive.stdout).group(1))
+                                        "--halt_adaptive=True", "--batch_size=3", "--fp8=True"], cwd=tmp_path)
+    mean = float(re.search(r"([0-9.]+) segments on average \(halting adaptively\), FP8", adaptive.stdout).group(1))
     assert 1 <= mean <= 2 and "4 puzzle(s) through the model" in adaptive.stdout
+    assert "FP8" not in scored.stdout
     one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--halt_adaptive=True",
                                             "--show_steps=True"], cwd=tmp_path, check=False),
                    "show_steps shows every segment of every input: leave halt_adaptive off with it")
-    # unset, halt_adaptive is the run's (train.py's, which evaluated so); show_steps still shows every segment
+    # unset, halt_adaptive is the run's (train.py's, which evaluated so), and halt_max_steps as many segments as
+    # the run evaluated (its eval_halt_max_steps, 3); show_steps still shows every segment
     checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     checkpoint["model_args"]["halt_adaptive"] = True
+    checkpoint["config"]["eval_halt_max_steps"] = 3
     os.makedirs(tmp_path / "adaptive")
     torch.save(checkpoint, tmp_path / "adaptive" / "ckpt.pt")
     args = [f"--out_dir={tmp_path / 'adaptive'}", f"--puzzles={csv_path}", "--quiet=True"]
     assert "(halting adaptively)" in run_script("sample.py", args, cwd=tmp_path).stdout
-    assert "(halting adaptively)" not in run_script("sample.py", args + ["--halt_adaptive=False"], cwd=tmp_path).stdout
+    fixed = run_script("sample.py", args + ["--halt_adaptive=False"], cwd=tmp_path).stdout
+    assert "(halting adaptively)" not in fixed and "3.00 segments on average" in fixed
     shown = run_script("sample.py", args[:1] + [f"--puzzle={puzzle}", "--show_steps=True"], cwd=tmp_path).stdout
-    assert sum(l.startswith("after segment") for l in shown.splitlines()) == 2
-    # unset, halt_max_steps is as long as the run evaluated (train.py's eval_halt_max_steps)
-    checkpoint["config"]["eval_halt_max_steps"] = 3
-    torch.save(checkpoint, tmp_path / "adaptive" / "ckpt.pt")
-    longer = run_script("sample.py", args + ["--halt_adaptive=False"], cwd=tmp_path).stdout
-    assert "3.00 segments on average" in longer
-    # FP8 inference of a model trained without it: the same puzzles scored, the speed line says so
-    args = [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True"]
-    assert ", FP8 matmuls" not in scored.stdout
-    fp8 = run_script("sample.py", args + ["--fp8=True"], cwd=tmp_path).stdout
-    assert "2.00 segments on average, FP8 matmuls" in fp8 and "4 puzzle(s) through the model" in fp8
+    assert sum(l.startswith("after segment") for l in shown.splitlines()) == 3
 
     one_line_error(run_script("sample.py", [f"--out_dir={tmp_path / 'none'}", f"--puzzle={puzzle}"], cwd=tmp_path,
                               check=False), "no such file (train a model with train.py, or set --out_dir)")
