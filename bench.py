@@ -20,6 +20,7 @@ In the order it runs:
     python bench.py                                            # Sudoku step, checks, ops
     python bench.py --step=maze --check=False --ops=False      # the step at the Maze shape
     python bench.py --fp8=True --check=False --ops=False       # and the step with FP8 no-grad matmuls
+    python bench.py --compile_mode=reduce-overhead --check=False --ops=False   # the step in CUDA graphs
     python bench.py --device=cpu --dtype=float16               # dry run: interpreter, tiny shapes
 """
 import logging
@@ -40,6 +41,7 @@ step = 'sudoku'             # the whole training step at the 'sudoku' shape, 'ma
 windows = 5                 # timed windows per backend, the backends taking turns
 steps_per_window = 10
 fp8 = False                 # also time the step with HRMConfig.fp8 (the blocks' no-grad matmuls in FP8)
+compile_mode = 'default'    # torch.compile's mode for the step: 'default', or 'reduce-overhead' (CUDA graphs)
 check = True
 ops = True
 config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
@@ -47,7 +49,9 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 check_ranges(globals(), [('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"),
                          ('dtype', dtype in ('bfloat16', 'float16'), "'bfloat16' or 'float16'"),
                          ('step', step in ('sudoku', 'maze', 'both', 'none'), "'sudoku', 'maze', 'both' or 'none'"),
-                         ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1')])
+                         ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1'),
+                         ('compile_mode', compile_mode in ('default', 'reduce-overhead'),
+                          "'default' or 'reduce-overhead'")])
 if device == 'cuda' and not torch.cuda.is_available():
     raise DataError("device='cuda', but torch sees no CUDA GPU; --device=cpu runs a dry run under Triton's interpreter")
 # -----------------------------------------------------------------------------
@@ -105,13 +109,16 @@ def make_train_step(name, shape):
                        hidden_size=hidden, expansion=4.0, num_heads=n_head, forward_dtype=dtype, fp8=with_fp8)
     model = HRM(config).to(device).train()
     optimizers = [o for o in model.configure_optimizers(1e-4, 1.0, (0.9, 0.95), 1e-4, 1.0) if o is not None]
-    compiled = model if tiny else torch.compile(model)  # dynamo cannot trace kernels under the interpreter
+    # dynamo cannot trace kernels under the interpreter
+    compiled = model if tiny else torch.compile(model, mode=None if compile_mode == 'default' else compile_mode)
     batch = dict(inputs=torch.randint(1, vocab, (B, T - 1), device=device, dtype=torch.int32),
                  labels=torch.randint(1, vocab, (B, T - 1), device=device, dtype=torch.int32),
                  puzzle_identifiers=torch.randint(0, 1000, (B,), device=device, dtype=torch.int32))
     state = dict(carry=model.initial_carry(batch))
 
     def train_step():
+        if compile_mode == 'reduce-overhead':  # a new step: the graphs may reuse the last step's memory
+            torch.compiler.cudagraph_mark_step_begin()
         state["carry"], loss, _, _ = compiled(state["carry"], batch)
         (loss / B).backward()
         for opt in optimizers:
