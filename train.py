@@ -343,16 +343,21 @@ def save_checkpoint():
 
 
 @torch.no_grad()
-def evaluate():
+def evaluate(warm_up=False):
     """Run every batch of each evaluation split from a fresh carry until all its sequences halt. Returns the
     model's metrics, averaged over the examples of all processes, and the task's own metrics from the
-    predictions; those of a split other than test are named with the split first (val_mse)."""
+    predictions; those of a split other than test are named with the split first (val_mse). With warm_up,
+    only the first batch of each split runs, to compile the evaluation graph, and nothing is returned."""
     model_in_eval = model.module if ddp else model
     raw_model.eval()
     raw_model.config.halt_max_steps = eval_halt_max_steps or halt_max_steps  # ACT can think longer than trained
     result = {}
     for split, data in eval_sets.items():
         num_eval = data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, data.num_examples)
+        if warm_up:
+            batch = next(eval_batches(data, num_eval, global_batch_size, rank, world_size))
+            raw_model.run_to_halt(model_in_eval, to_device(batch))
+            continue
         sums, predictions, q_halt = None, [], []
         for batch in tqdm(eval_batches(data, num_eval, global_batch_size, rank, world_size), desc=f'eval {split}',
                           total=math.ceil(num_eval / global_batch_size), disable=not master_process, leave=False):
@@ -500,6 +505,8 @@ while iter_num < stop_step:
                           step=iter_num)
         log_sums, t0, t0_step = None, time.time(), iter_num
     if evaluating:
+        if iter_num == fit_step:  # the fit times a warm evaluation: compiling it is not every evaluation's cost
+            evaluate(warm_up=True)
         eval_seconds = log_eval(iter_num)
         if fit_step and start_step + 5 <= iter_num < fit_step:
             fit_started += eval_seconds  # the fit times steps, not evaluations
