@@ -307,14 +307,14 @@ class HRM(nn.Module):
         self.H_level = ReasoningModule(config, config.H_layers, max_positions)
         self.L_level = ReasoningModule(config, config.L_layers, max_positions)
         if config.fp8:  # the blocks' matmuls whose sizes are multiples of 16, as FP8 matmuls need
-            for level in (self.H_level, self.L_level):
-                for linear in level.modules():
-                    if isinstance(linear, CastedLinear) and linear.bias is None and \
-                            linear.in_features % 16 == linear.out_features % 16 == 0:
-                        linear.fp8 = True
-            if not any(linear.fp8 for linear in self.modules() if isinstance(linear, CastedLinear)):
+            fp8_linears = [m for level in (self.H_level, self.L_level) for m in level.modules()
+                           if isinstance(m, CastedLinear) and m.bias is None
+                           and m.in_features % 16 == m.out_features % 16 == 0]
+            if not fp8_linears:
                 raise DataError(f"fp8=True: no matmul of the blocks has both sizes a multiple of 16, as FP8 needs "
                                 f"(hidden_size={config.hidden_size})")
+            for linear in fp8_linears:
+                linear.fp8 = True
         # the states every example starts from (fixed random vectors, not trained)
         self.register_buffer("H_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
         self.register_buffer("L_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
