@@ -21,6 +21,8 @@ In the order it runs:
     python bench.py --step=maze --check=False --ops=False      # the step at the Maze shape
     python bench.py --fp8=True --check=False --ops=False       # and the step with FP8 no-grad matmuls
     python bench.py --compile_mode=reduce-overhead --check=False --ops=False   # the step in CUDA graphs
+    python bench.py --act_continue=False --grad_L_steps=2 --mixer=mlp --check=False --ops=False  # sudoku_fast's step
+    python bench.py --profile=True --check=False --ops=False   # and where the first variant's step spends its time
     python bench.py --device=cpu --dtype=float16               # dry run: interpreter, tiny shapes
 """
 import logging
@@ -42,6 +44,10 @@ windows = 5                 # timed windows per backend, the backends taking tur
 steps_per_window = 10
 fp8 = False                 # also time the step with HRMConfig.fp8 (the blocks' no-grad matmuls in FP8)
 compile_mode = 'default'    # torch.compile's mode for the step: 'default', or 'reduce-overhead' (CUDA graphs)
+act_continue = True         # the model of the timed step, as in train.py: the paper's by default
+grad_L_steps = 1
+mixer = 'attention'         # 'mlp': a SwiGLU across positions, no attention (and no position encoding)
+profile = False             # after timing, profile a few steps of the first variant: GPU time by kernel
 check = True
 ops = True
 config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
@@ -51,7 +57,9 @@ check_ranges(globals(), [('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"
                          ('step', step in ('sudoku', 'maze', 'both', 'none'), "'sudoku', 'maze', 'both' or 'none'"),
                          ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1'),
                          ('compile_mode', compile_mode in ('default', 'reduce-overhead'),
-                          "'default' or 'reduce-overhead'")])
+                          "'default' or 'reduce-overhead'"),
+                         ('grad_L_steps', grad_L_steps in (1, 2), "1 or 2 (the step's L_cycles is 2)"),
+                         ('mixer', mixer in ('attention', 'mlp'), "'attention' or 'mlp'")])
 if device == 'cuda' and not torch.cuda.is_available():
     raise DataError("device='cuda', but torch sees no CUDA GPU; --device=cpu runs a dry run under Triton's interpreter")
 # -----------------------------------------------------------------------------
@@ -106,7 +114,9 @@ def make_train_step(name, shape):
     vocab = 11 if shape == "sudoku" else 6
     config = HRMConfig(vocab_size=vocab, seq_len=T - 1, puzzle_emb_ndim=hidden, num_puzzle_identifiers=1000,
                        batch_size=B, H_cycles=2, L_cycles=2, H_layers=1 if tiny else 4, L_layers=1 if tiny else 4,
-                       hidden_size=hidden, expansion=4.0, num_heads=n_head, forward_dtype=dtype, fp8=with_fp8)
+                       hidden_size=hidden, expansion=4.0, num_heads=n_head, forward_dtype=dtype, fp8=with_fp8,
+                       act_continue=act_continue, grad_L_steps=grad_L_steps, mixer=mixer,
+                       pos_encodings='rope' if mixer == 'attention' else 'none')
     model = HRM(config).to(device).train()
     optimizers = [o for o in model.configure_optimizers(1e-4, 1.0, (0.9, 0.95), 1e-4, 1.0) if o is not None]
     # dynamo cannot trace kernels under the interpreter
@@ -131,8 +141,10 @@ def make_train_step(name, shape):
 
 def time_train_steps(shape):
     B, T = SHAPES[shape]
+    recipe = "" if (act_continue, grad_L_steps, mixer) == (True, 1, 'attention') else \
+        f", act_continue={act_continue} grad_L_steps={grad_L_steps} mixer={mixer}"
     print(f"== {'' if tiny else 'compiled '}HRM training step, {shape} shape (hidden {hidden}, {n_head} heads, "
-          f"batch {B}, {T - 1} tokens + the puzzle token, {dtype})")
+          f"batch {B}, {T - 1} tokens + the puzzle token, {dtype}{recipe})")
     counters = torch._dynamo.utils.counters
     torch._dynamo.reset()
     counters.clear()
@@ -173,6 +185,34 @@ def time_train_steps(shape):
         exact = STEP_VARIANTS['fp8'][0]
         print(f"{shape} step: FP8 no-grad matmuls take {median['fp8'] - median[exact]:+.2f} ms "
               f"({median[exact] / median['fp8']:.3f}x) against the {exact} step")
+    if profile:
+        first = next(iter(STEP_VARIANTS))
+        use_backend(STEP_VARIANTS[first][0])
+        profile_step(steps[first], f"{shape} step, {first}")
+
+
+def profile_step(train_step, label, n=5, top=15):
+    """Kernel time per step of n profiled steps, the kernels that take most, and how long the GPU sits idle
+    (on the CPU dry run: the operators' own CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            train_step()
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3 / n
+    kind = 'device' if device == 'cuda' else 'cpu'
+    rows = sorted(((getattr(e, f'self_{kind}_time_total') / n / 1e3, e.count // n, e.key)
+                   for e in prof.key_averages() if (device != 'cuda' or e.device_type.name == 'CUDA')),
+                  reverse=True)
+    busy = sum(ms for ms, _, _ in rows)
+    print(f"{label}: {wall:.2f} ms per profiled step, {busy:.2f} ms of it in {kind.upper()} kernels "
+          f"({'idle ' + format(wall - busy, '.2f') + ' ms' if device == 'cuda' else 'the CPU dry run'}); "
+          f"the {top} longest, per step:")
+    for ms, calls, name in rows[:top]:
+        print(f"  {ms:7.3f} ms {100 * ms / busy:5.1f}% {calls:5d} calls  {name[:100]}")
 
 
 if step != 'none':

@@ -3315,6 +3315,20 @@ def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
                               cwd=reverse_task, check=False), "does not match the model: missing")
 
 
+@needs_triton
+def test_bench_dry_run_times_and_profiles_the_fast_recipes_step(tmp_path):
+    # bench.py on the CPU: each backend's step of sudoku_fast's model (no attention, so no attention kernel
+    # among the profiled operators), timed, then profiled
+    out = run_script("bench.py", ["--device=cpu", "--dtype=float16", "--check=False", "--ops=False", "--profile=True",
+                                  "--act_continue=False", "--grad_L_steps=2", "--mixer=mlp"], cwd=tmp_path).stdout
+    assert "act_continue=False grad_L_steps=2 mixer=mlp" in out
+    assert all(re.search(rf"sudoku step, {name} *: median", out) for name in ("hopper", "reference", "pytorch"))
+    table = out[out.index("ms per profiled step"):]
+    names = re.findall(r"calls  (\S+)", table)
+    assert len(names) == 15 and "aten::mm" in names and "AddRMSNorm" in names
+    assert not any("ttention" in name for name in names), names
+
+
 def test_every_recipe_in_config_is_accepted(tmp_path):
     # train.py takes every file of config/ (only keys it knows, values of their defaults' types) and gets as far
     # as the data, which is not there: the last file's dataset
