@@ -22,7 +22,7 @@ In the order it runs:
     python bench.py --fp8=True --check=False --ops=False       # and the step with FP8 no-grad matmuls
     python bench.py --compile_mode=reduce-overhead --check=False --ops=False   # the step in CUDA graphs
     python bench.py --act_continue=False --grad_L_steps=2 --mixer=mlp --check=False --ops=False  # sudoku_fast's step
-    python bench.py --profile=True --check=False --ops=False   # and where the first variant's step spends its time
+    python bench.py --profile=True --step_backends=hopper --check=False --ops=False   # where its step's time goes
     python bench.py --device=cpu --dtype=float16               # dry run: interpreter, tiny shapes
 """
 import logging
@@ -43,6 +43,7 @@ step = 'sudoku'             # the whole training step at the 'sudoku' shape, 'ma
 windows = 5                 # timed windows per backend, the backends taking turns
 steps_per_window = 10
 fp8 = False                 # also time the step with HRMConfig.fp8 (the blocks' no-grad matmuls in FP8)
+step_backends = 'hopper,reference,pytorch'  # whose training step is timed (the first is also FP8's and profiled)
 compile_mode = 'default'    # torch.compile's mode for the step: 'default', or 'reduce-overhead' (CUDA graphs)
 act_continue = True         # the model of the timed step, as in train.py: the paper's by default
 grad_L_steps = 1
@@ -58,6 +59,8 @@ check_ranges(globals(), [('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"
                          ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1'),
                          ('compile_mode', compile_mode in ('default', 'reduce-overhead'),
                           "'default' or 'reduce-overhead'"),
+                         ('step_backends', set(step_backends.split(',')) <= {'hopper', 'reference', 'pytorch'},
+                          "a comma-separated list of 'hopper', 'reference' and 'pytorch'"),
                          ('grad_L_steps', grad_L_steps in (1, 2), "1 or 2 (the step's L_cycles is 2)"),
                          ('mixer', mixer in ('attention', 'mlp'), "'attention' or 'mlp'")])
 if device == 'cuda' and not torch.cuda.is_available():
@@ -88,8 +91,13 @@ has_hopper = kernels.kernels_hopper is not None and (tiny or torch.cuda.get_devi
 BACKENDS = {"hopper": (True, True), "reference": (True, False), "pytorch": (False, True)}  # set_use_flash, _hopper
 if not has_hopper:
     del BACKENDS["hopper"]
-# the training step's variants: each backend, and with fp8 the default backend's step with FP8 matmuls
-STEP_VARIANTS = {name: (name, False) for name in BACKENDS} | ({"fp8": (next(iter(BACKENDS)), True)} if fp8 else {})
+# the training step's variants: each backend asked for, and with fp8 the first one's step with FP8 matmuls
+STEP_VARIANTS = {name: (name, False) for name in step_backends.split(',') if name in BACKENDS}
+if step != 'none' and not STEP_VARIANTS:
+    raise DataError(f"step_backends={step_backends!r}: the tuned paths run on a Hopper GPU only; add 'reference' "
+                    f"or 'pytorch'")
+if fp8 and STEP_VARIANTS:
+    STEP_VARIANTS["fp8"] = (next(iter(STEP_VARIANTS)), True)
 
 
 def use_backend(name):
@@ -176,9 +184,9 @@ def time_train_steps(shape):
     median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     for name, t in times.items():
         print(f"{shape} step, {name:<9}: median {median[name]:7.2f} ms over {len(t)} windows of "
-              f"{steps_per_window} steps (min {min(t):.2f}, max {max(t):.2f}); "
-              f"{median['pytorch'] / median[name]:.3f}x the pytorch step")
-    if has_hopper:
+              f"{steps_per_window} steps (min {min(t):.2f}, max {max(t):.2f})" +
+              (f"; {median['pytorch'] / median[name]:.3f}x the pytorch step" if 'pytorch' in median else ""))
+    if {'hopper', 'reference'} <= median.keys():
         print(f"{shape} step: the tuned paths take {median['hopper'] - median['reference']:+.2f} ms "
               f"({median['reference'] / median['hopper']:.3f}x) against the reference kernels")
     if fp8:
