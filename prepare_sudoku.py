@@ -234,6 +234,17 @@ def apply_transforms(grids, cell_source, digit_map):
     return digit_map.reshape(-1)[moved + row * 10]
 
 
+def undo_transforms(grids, cell_source, digit_map):
+    """apply_transforms inverted: grids (count, 81) of transformed puzzles (a model's answers to them) back
+    in their puzzles' own frame."""
+    row = np.arange(len(grids))[:, None]
+    digit_back = np.empty_like(digit_map)
+    digit_back[row, digit_map] = np.arange(10, dtype=digit_map.dtype)  # digit_back[d'] = d where digit_map[d] = d'
+    back = np.empty_like(grids)
+    back[row, cell_source] = digit_back[row, grids]  # new cell k came from old cell cell_source[k]
+    return back
+
+
 def augment(questions, answers, num_aug, rng, show_progress=False):
     """Every puzzle followed by num_aug random transformations of it (puzzle and answer alike): (N * (1 +
     num_aug), 81) arrays, puzzle p's copies at rows p * (1 + num_aug) + 0..num_aug, the original first."""

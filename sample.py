@@ -7,10 +7,14 @@ $ python sample.py --out_dir=out-sudoku --puzzles=my_puzzles.txt      # one 81-c
 $ python sample.py --out_dir=out-sudoku --puzzles=test.csv            # Sudoku-Extreme CSV: answers are scored
 $ python sample.py --out_dir=out-sudoku --puzzle=... --show_steps=True --halt_max_steps=32
 $ python sample.py --out_dir=out-sudoku --puzzles=test.csv --quiet=True --compile=True --halt_adaptive=True
+$ python sample.py --out_dir=out-sudoku --puzzles=test.csv --quiet=True --compile=True --votes=8
 
 A Sudoku is 81 characters, row by row, '.' or '0' for a blank. An input that cannot be read (wrong length,
 other characters, clues that already conflict, an answer that does not solve it) gets a one-line error and
-the others are still solved; the exit status is non-zero when none could be.
+the others are still solved; the exit status is non-zero when none could be. With --votes=K each puzzle is
+also solved under K - 1 random symmetries (rows and columns shuffled within Sudoku's structure, digits
+relabelled, as in training), each answer mapped back, and the answer is the grid most copies give, ties
+going to the highest mean Q-halt probability: the model's own vote, no Sudoku rules consulted.
 
 Puzzles, mazes and ARC inputs stream through batch_size slots on the device, each running halt_max_steps segments,
 or with --halt_adaptive=True (the default for a run that evaluated so) until its Q head says halt, a freed
@@ -53,7 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, write_text_atomically
+from dataset import BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, rank, write_text_atomically
 from model import build_model, check_device, check_fp8, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -68,6 +72,7 @@ halt_max_steps = 0          # if > 0, ACT segments per input (may exceed the num
 show_steps = False          # print the board after every segment with the Q head's halting probability
 halt_adaptive = False       # each input stops where its Q head says halt, as in training (else halt_max_steps);
                             # unset: as the run evaluated (train.py's halt_adaptive)
+votes = 1                   # Sudoku: solve each puzzle as itself and under votes - 1 random symmetries, and vote
 arc_task = ''               # ARC: a task's JSON file, or the id of a task in the dataset's evaluation set
 batch_size = 256
 quiet = False               # with many inputs: print only errors and the score
@@ -148,11 +153,28 @@ def run(model, forward, tokens, puzzle_identifiers=None):
     return predictions[None], q_halt[None], segments
 
 
-def print_exact_accuracy(entries, finals):
+def print_exact_accuracy(entries, finals, what="exact accuracy against the given answers"):
     """The share of the (name, question, answer) entries with an answer whose final prediction is exactly it."""
     right = [np.array_equal(final, answer) for final, (_, _, answer) in zip(finals, entries) if answer is not None]
     if right:
-        print(f"exact accuracy against the given answers: {sum(right)}/{len(right)} = {sum(right) / len(right):.4f}")
+        print(f"{what}: {sum(right)}/{len(right)} = {sum(right) / len(right):.4f}")
+
+
+def vote_over_symmetries(model, forward, questions):
+    """Sudoku's --votes: every puzzle (N, 81) solved as itself and under votes - 1 random symmetries, the
+    answers mapped back and pooled (dataset.rank). Returns the voted boards (N, 81), the puzzle-alone boards
+    (N, 81), the winner's votes (N,) and the segments all copies of a puzzle ran (N,)."""
+    import prepare_sudoku as ps
+    n = len(questions)
+    cell_source, digit_map = ps.random_transforms(n * votes, np.random.default_rng(0))  # fixed: reruns agree
+    cell_source[::votes], digit_map[::votes] = np.arange(81), np.arange(10)  # copy 0 of each: the puzzle itself
+    tokens, q_halt, segments = run(model, forward, ps.encode(ps.apply_transforms(np.repeat(questions, votes, axis=0),
+                                                                                   cell_source, digit_map)))
+    answers = ps.undo_transforms(ps.decode(tokens[-1]), cell_source, digit_map).reshape(n, votes, 81)
+    q_halt = q_halt[-1].reshape(n, votes)
+    winners = [rank(list(zip(answers[i], q_halt[i])))[0] for i in range(n)]
+    return (np.stack([grid for grid, _, _ in winners]), answers[:, 0], np.array([v for _, v, _ in winners]),
+            segments.reshape(n, votes).sum(1))
 
 
 def sudoku(model, forward):
@@ -195,8 +217,12 @@ def sudoku(model, forward):
         raise DataError(f"no puzzle could be read ({errors} had errors)" if errors else
                         "give --puzzle=<81 characters> or --puzzles=<file>")
     questions = np.stack([q for _, q, _ in entries])
-    tokens, q_halt, segments = run(model, forward, ps.encode(questions))
-    boards = ps.decode(tokens)
+    if votes > 1:
+        voted, alone, agree, segments = vote_over_symmetries(model, forward, questions)
+        boards = voted[None]
+    else:
+        tokens, q_halt, segments = run(model, forward, ps.encode(questions))
+        boards = ps.decode(tokens)
     problems = ps.grid_problems(questions, boards[-1])
     for i, (name, question, answer) in enumerate([] if quiet else entries):
         final = boards[-1, i]
@@ -207,9 +233,14 @@ def sudoku(model, forward):
         verdict = 'a valid solution' if problems[i] is None else f'not a solution ({problems[i][1]})'
         if answer is not None:
             verdict += ', matches the answer' if np.array_equal(final, answer) else ', differs from the answer'
-        print(f"solution after {segments[i]} segments, {verdict}:\n{ps.format_grid(final)}")
-    print(f"\n{len(entries)} puzzle(s) through the model, {problems.count(None)} answered with a valid Sudoku "
-          f"solution" + (f"; {errors} could not be read" if errors else ''))
+        how = f"the answer {agree[i]} of {votes} symmetries gave ({segments[i]} segments in all)" if votes > 1 else \
+            f"solution after {segments[i]} segments"
+        print(f"{how}, {verdict}:\n{ps.format_grid(final)}")
+    print(f"\n{len(entries)} puzzle(s) through the model" + (f", each under {votes} symmetries" if votes > 1 else "")
+          + f", {problems.count(None)} answered with a valid Sudoku solution"
+          + (f"; {errors} could not be read" if errors else ''))
+    if votes > 1:
+        print_exact_accuracy(entries, alone, "the puzzles alone, without voting, exact")
     print_exact_accuracy(entries, boards[-1])
 
 
@@ -338,8 +369,12 @@ if __name__ == '__main__':
         raise DataError("batch_size must be >= 1, max_puzzles and halt_max_steps >= 0")
     if show_steps and halt_adaptive:
         raise DataError("show_steps shows every segment of every input: leave halt_adaptive off with it")
+    if votes < 1 or (votes > 1 and show_steps):
+        raise DataError(f"votes={votes}: must be >= 1, and 1 with show_steps (which shows one run of each input)")
     if puzzles and not os.path.isfile(puzzles):
         raise DataError(f"{puzzles}: no such file")
     check_device(device)
     task, model, forward = load_model()
+    if votes > 1 and task != 'sudoku':
+        raise DataError(f"votes={votes}: symmetries are voted over for Sudoku; ARC votes over its dataset's variants")
     TASKS[task](model, forward)

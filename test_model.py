@@ -1378,6 +1378,48 @@ def test_augmented_puzzles_are_valid(puzzles):
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and not np.array_equal(a[0], c[0])
 
 
+def test_undo_transforms_brings_a_symmetric_copys_grid_home(puzzles):
+    questions, answers = puzzles
+    cell_source, digit_map = ps.random_transforms(len(questions), np.random.default_rng(2))
+    for grids in (answers, questions):  # a full grid, and one with blanks (a model's unfilled cells)
+        moved = ps.apply_transforms(grids, cell_source, digit_map)
+        assert (moved != grids).any(axis=1).all()
+        assert np.array_equal(ps.undo_transforms(moved, cell_source, digit_map), grids)
+
+
+def test_sample_votes_over_symmetries(puzzles, monkeypatch):
+    # A stand-in model answers each of 4 copies of 4 puzzles by a script: right (the copy's own answer) or
+    # wrong (the copy's clues, unfilled, which map back to the puzzle's clues: the wrong copies agree). Voting
+    # must map the copies' grids home, pool them, and break a tie by the mean halting probability.
+    import sample
+    questions, answers = puzzles[0][:4], puzzles[1][:4]
+    script = [[1, 0, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0], [1, 0, 1, 0]]  # 1: right
+    q_right = [0.8, 0.5, 0.5, 0.2]  # the wrong copies' halting probability is 0.6
+    drawn, random_transforms = {}, ps.random_transforms
+
+    def spy(count, rng):
+        drawn["transforms"] = random_transforms(count, rng)
+        return drawn["transforms"]
+
+    def stand_in(model, forward, tokens, puzzle_identifiers=None):
+        cell_source, digit_map = drawn["transforms"]
+        clues = ps.decode(tokens)
+        assert np.array_equal(clues, ps.apply_transforms(np.repeat(questions, 4, 0), cell_source, digit_map))
+        assert np.array_equal(clues[::4], questions)  # each puzzle's first copy is the puzzle itself
+        right = np.array(script, bool).reshape(-1)
+        grids = np.where(right[:, None], ps.apply_transforms(np.repeat(answers, 4, 0), cell_source, digit_map), clues)
+        q_halt = np.where(right, np.repeat(q_right, 4), 0.6)
+        return ps.encode(grids)[None], q_halt[None], np.tile(np.arange(1, 5), 4)
+
+    monkeypatch.setattr(ps, "random_transforms", spy)
+    monkeypatch.setattr(sample, "run", stand_in)
+    monkeypatch.setattr(sample, "votes", 4)
+    voted, alone, agree, segments = sample.vote_over_symmetries(None, None, questions)
+    assert np.array_equal(voted, np.stack([answers[0], answers[1], questions[2], questions[3]]))
+    assert np.array_equal(alone, np.stack([answers[0], questions[1], answers[2], answers[3]]))
+    assert agree.tolist() == [2, 3, 3, 2] and segments.tolist() == [10] * 4
+
+
 NUM_AUG = 3
 
 
@@ -2104,6 +2146,8 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path):
     assert re.search(r"^exact accuracy against the given answers: \d+/12 = ", scored.stdout, re.M)
     one_line_error(run_script("sample.py", [f"--out_dir={out}", "--maze=" + text.replace("S", " ")], cwd=tmp_path,
                               check=False), "no maze could be read (1 had errors)")
+    one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--maze={text}", "--votes=4"], cwd=tmp_path,
+                              check=False), "votes=4: symmetries are voted over for Sudoku")
 
 
 # -----------------------------------------------------------------------------
@@ -3430,6 +3474,15 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--halt_adaptive=True",
                                             "--show_steps=True"], cwd=tmp_path, check=False),
                    "show_steps shows every segment of every input: leave halt_adaptive off with it")
+    # voting over 3 symmetries of each: 12 inputs through the model, scored alone and voted
+    voted = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True", "--votes=3"],
+                       cwd=tmp_path).stdout
+    assert "12 input(s) in " in voted and "4 puzzle(s) through the model, each under 3 symmetries" in voted
+    assert re.search(r"the puzzles alone, without voting, exact: \d/4 = ", voted)
+    assert re.search(r"exact accuracy against the given answers: \d/4 = ", voted)
+    one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--votes=2",
+                                            "--show_steps=True"], cwd=tmp_path, check=False),
+                   "votes=2: must be >= 1, and 1 with show_steps")
     # unset, halt_adaptive is the run's (train.py's, which evaluated so), and halt_max_steps as many segments as
     # the run evaluated (its eval_halt_max_steps, 3); show_steps still shows every segment
     checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
