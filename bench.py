@@ -21,6 +21,7 @@ In the order it runs:
     python bench.py --step=maze --check=False --ops=False      # the step at the Maze shape
     python bench.py --fp8=True --check=False --ops=False       # and the step with FP8 no-grad matmuls
     python bench.py --compile_mode=reduce-overhead --check=False --ops=False   # the step in CUDA graphs
+    python bench.py --compile_mode=max-autotune-no-cudagraphs --step_backends=hopper --check=False --ops=False
     python bench.py --act_continue=False --grad_L_steps=2 --mixer=mlp --check=False --ops=False  # sudoku_fast's step
     python bench.py --profile=True --step_backends=hopper --check=False --ops=False   # where its step's time goes
     python bench.py --device=cpu --dtype=float16               # dry run: interpreter, tiny shapes
@@ -44,7 +45,9 @@ windows = 5                 # timed windows per backend, the backends taking tur
 steps_per_window = 10
 fp8 = False                 # also time the step with HRMConfig.fp8 (the blocks' no-grad matmuls in FP8)
 step_backends = 'hopper,reference,pytorch'  # whose training step is timed (the first is also FP8's and profiled)
-compile_mode = 'default'    # torch.compile's mode for the step: 'default', or 'reduce-overhead' (CUDA graphs)
+compile_mode = 'default'    # torch.compile's mode for the step: 'default', 'reduce-overhead' (CUDA graphs),
+                            # 'max-autotune-no-cudagraphs' (Triton matmul templates timed against cuBLAS, the
+                            # element-wise neighbours fused into them; compiles for minutes) or 'max-autotune' (both)
 act_continue = True         # the model of the timed step, as in train.py: the paper's by default
 grad_L_steps = 1
 mixer = 'attention'         # 'mlp': a SwiGLU across positions, no attention (and no position encoding)
@@ -52,13 +55,13 @@ profile = False             # after timing, profile a few steps of the first var
 check = True
 ops = True
 config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune-no-cudagraphs', 'max-autotune')
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 check_ranges(globals(), [('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"),
                          ('dtype', dtype in ('bfloat16', 'float16'), "'bfloat16' or 'float16'"),
                          ('step', step in ('sudoku', 'maze', 'both', 'none'), "'sudoku', 'maze', 'both' or 'none'"),
                          ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1'),
-                         ('compile_mode', compile_mode in ('default', 'reduce-overhead'),
-                          "'default' or 'reduce-overhead'"),
+                         ('compile_mode', compile_mode in COMPILE_MODES, ' or '.join(map(repr, COMPILE_MODES))),
                          ('step_backends', set(step_backends.split(',')) <= {'hopper', 'reference', 'pytorch'},
                           "a comma-separated list of 'hopper', 'reference' and 'pytorch'"),
                          ('grad_L_steps', grad_L_steps in (1, 2), "1 or 2 (the step's L_cycles is 2)"),
@@ -135,7 +138,7 @@ def make_train_step(name, shape):
     state = dict(carry=model.initial_carry(batch))
 
     def train_step():
-        if compile_mode == 'reduce-overhead':  # a new step: the graphs may reuse the last step's memory
+        if compile_mode in ('reduce-overhead', 'max-autotune'):  # a new step: graphs may reuse the last one's memory
             torch.compiler.cudagraph_mark_step_begin()
         state["carry"], loss, _, _ = compiled(state["carry"], batch)
         (loss / B).backward()
