@@ -3288,16 +3288,20 @@ def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path):
     assert longer["steps"] == 7 and longer["exact_accuracy"] > 0.95, longer  # past training a sequence may drift
 
 
-def test_torchrun_two_processes_equal_one(reverse_task, tmp_path):
-    args = RESUME_ARGS + ["--halt_exploration_prob=0.0", "--max_steps=20", "--backend=gloo"]
+@pytest.mark.parametrize("recipe", [[], ["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2", "--act_continue=False",
+                                     "--ema_decay=0.9"]], ids=["paper", "sudoku_fast"])
+def test_torchrun_two_processes_equal_one(reverse_task, tmp_path, recipe):
+    args = RESUME_ARGS + ["--halt_exploration_prob=0.0", "--max_steps=20", "--backend=gloo"] + recipe
     result = run_script("train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task, nproc=2)
     assert "on 2 process(es)" in result.stdout
     run_script("train.py", args + [f"--out_dir={tmp_path / 'single'}"], cwd=reverse_task)
     # (every checkpoint also checks that the processes hold identical weights, or the run fails)
     ddp, single = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "single")
     assert ddp["world_size"] == 2 and ddp["carry"]["z_H"].shape[0] == 8
-    for key, value in single["model"].items():
-        assert torch.allclose(ddp["model"][key].float(), value.float(), atol=1e-6), key
+    assert (single["ema"] is not None) == bool(recipe)
+    for weights in ("model", "ema") if recipe else ("model",):
+        for key, value in single[weights].items():
+            assert torch.allclose(ddp[weights][key].float(), value.float(), atol=1e-6), (weights, key)
 
 
 def test_torchrun_two_processes_evaluate_a_task_as_one(tmp_path):
