@@ -166,7 +166,8 @@ def vote_over_symmetries(model, forward, questions):
     (N, 81), the winner's votes (N,) and the segments all copies of a puzzle ran (N,)."""
     import prepare_sudoku as ps
     n = len(questions)
-    cell_source, digit_map = ps.random_transforms(n * votes, np.random.default_rng(0))  # fixed: reruns agree
+    # a fixed draw: a rerun on the same puzzles votes over the same copies
+    cell_source, digit_map = ps.random_transforms(n * votes, np.random.default_rng(0))
     cell_source[::votes], digit_map[::votes] = np.arange(81), np.arange(10)  # copy 0 of each: the puzzle itself
     tokens, q_halt, segments = run(model, forward, ps.encode(ps.apply_transforms(np.repeat(questions, votes, axis=0),
                                                                                    cell_source, digit_map)))
@@ -376,5 +377,5 @@ if __name__ == '__main__':
     check_device(device)
     task, model, forward = load_model()
     if votes > 1 and task != 'sudoku':
-        raise DataError(f"votes={votes}: symmetries are voted over for Sudoku; ARC votes over its dataset's variants")
+        raise DataError(f"votes={votes}: voting over symmetries is for Sudoku, and this is a {task} model")
     TASKS[task](model, forward)
