@@ -85,6 +85,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 compile = False             # torch.compile the model (worth it for thousands of inputs on a GPU)
 fp8 = False                 # the blocks' matmuls in FP8 (train.py's fp8); unset: as the run trained
+weight_average = True       # the average of the weights the run kept (train.py's ema_decay), as it evaluated;
+                            # False: the weights as trained
 config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]
 # -----------------------------------------------------------------------------
 
@@ -99,8 +101,11 @@ def load_model():
         raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
     if model.config.fp8:
         check_fp8(device, dtype)
-    # a run that kept an average of its weights evaluated with it: so does sample.py
-    model.load_state_dict({**checkpoint['model'], **(checkpoint.get('ema') or {})})
+    # a run that kept an average of its weights evaluated with it: so does sample.py, unless told otherwise
+    model.load_state_dict({**checkpoint['model'], **((checkpoint.get('ema') or {}) if weight_average else {})})
+    if checkpoint.get('ema'):
+        print("weights: " + ("the average the run kept (train.py's ema_decay)" if weight_average else
+                             "as trained, not the average the run kept"))
     global dataset, halt_adaptive
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     # ACT can think longer than it was trained to; unset: as long as the run evaluated (eval_halt_max_steps)

@@ -3500,6 +3500,18 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     assert "(halting adaptively)" not in fixed and "3.00 segments on average" in fixed
     shown = run_script("sample.py", args[:1] + [f"--puzzle={puzzle}", "--show_steps=True"], cwd=tmp_path).stdout
     assert sum(l.startswith("after segment") for l in shown.splitlines()) == 3
+    # a run that kept an average of its weights (here all zeros: every logit 0, every cell predicted PAD, which
+    # reads as blank) runs with it, unless --weight_average=False
+    checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    checkpoint["ema"] = {k: torch.zeros_like(v) for k, v in checkpoint["model"].items() if v.is_floating_point()}
+    os.makedirs(tmp_path / "averaged")
+    torch.save(checkpoint, tmp_path / "averaged" / "ckpt.pt")
+    args = [f"--out_dir={tmp_path / 'averaged'}", f"--puzzle={puzzle}", "--halt_max_steps=1"]
+    blank = ". . . | . . . | . . ."
+    averaged = run_script("sample.py", args, cwd=tmp_path).stdout
+    assert "weights: the average the run kept" in averaged and averaged.count(blank) == 9
+    trained = run_script("sample.py", args + ["--weight_average=False"], cwd=tmp_path).stdout
+    assert "weights: as trained" in trained and trained.count(blank) < 9
 
     one_line_error(run_script("sample.py", [f"--out_dir={tmp_path / 'none'}", f"--puzzle={puzzle}"], cwd=tmp_path,
                               check=False), "no such file (train a model with train.py, or set --out_dir)")
