@@ -106,6 +106,8 @@ def load_model():
     if checkpoint.get('ema'):
         print("weights: " + ("the average the run kept (train.py's ema_decay)" if weight_average else
                              "as trained, not the average the run kept"))
+    elif 'weight_average' in config_overrides:
+        print("weights: as trained (the run kept no average of them)")
     global dataset, halt_adaptive
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     # ACT can think longer than it was trained to; unset: as long as the run evaluated (eval_halt_max_steps)
@@ -152,7 +154,9 @@ def run(model, forward, tokens, puzzle_identifiers=None):
     predictions, q_halt, segments = model.solve(forward, tokens, ids, batch_size)
     predictions, q_halt, segments = predictions.cpu().numpy(), q_halt.cpu().numpy(), segments.cpu().numpy()
     seconds = time.time() - started
-    print(f"{len(tokens):,} input(s) in {seconds:.2f} s ({len(tokens) / seconds:,.0f}/s), "
+    rate = len(tokens) / seconds
+    rate = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"  # a slow run on a CPU still shows its rate
+    print(f"{len(tokens):,} input(s) in {seconds:.2f} s ({rate}/s), "
           f"{segments.mean():.2f} segments on average" + (' (halting adaptively)' if halt_adaptive else '')
           + (', FP8 matmuls' if model.config.fp8 else ''))
     return predictions[None], q_halt[None], segments
@@ -239,7 +243,7 @@ def sudoku(model, forward):
         verdict = 'a valid solution' if problems[i] is None else f'not a solution ({problems[i][1]})'
         if answer is not None:
             verdict += ', matches the answer' if np.array_equal(final, answer) else ', differs from the answer'
-        how = f"the answer {agree[i]} of {votes} symmetries gave ({segments[i]} segments in all)" if votes > 1 else \
+        how = f"voted by {agree[i]} of {votes} symmetric copies ({segments[i]} segments in all)" if votes > 1 else \
             f"solution after {segments[i]} segments"
         print(f"{how}, {verdict}:\n{ps.format_grid(final)}")
     print(f"\n{len(entries)} puzzle(s) through the model" + (f", each under {votes} symmetries" if votes > 1 else "")

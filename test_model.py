@@ -3455,8 +3455,11 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     assert "1 puzzle(s) through the model" in result.stdout and "3 could not be read" in result.stdout
 
     # '0' for blanks: a puzzle that starts with a digit stays text
-    zeros = run_script("sample.py", [f"--out_dir={out}", "--puzzle=" + puzzle.replace(".", "0")], cwd=tmp_path)
+    # (and --weight_average=False on a run that kept no average says it changes nothing)
+    zeros = run_script("sample.py", [f"--out_dir={out}", "--puzzle=" + puzzle.replace(".", "0"),
+                                     "--weight_average=False"], cwd=tmp_path)
     assert "1 puzzle(s) through the model" in zeros.stdout
+    assert "weights: as trained (the run kept no average of them)" in zeros.stdout
     # a CSV (with a byte-order mark) is read by the builder's reader: answers that contradict their clues are
     # not scored, and the good rows are
     rows = read_rows(SAMPLE_TEST, 5)
