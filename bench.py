@@ -9,7 +9,7 @@ In the order it runs:
 
 1. step: one whole compiled HRM training step per backend (the model's forward with its Q-continue pass,
    the backward, both optimizers, the carry kept from step to step), the backends taking turns over
-   several timed windows in one process; the median ms/step of each. The figure that says whether a
+   several timed windows in one process; the median ms/step of each, and on a GPU its peak memory. The figure that says whether a
    kernel earns its place: op-level gains matter only as far as they show here.
 2. check: bfloat16 errors of each path against float64 references, forward and backward.
 3. ops: GPU time of attention (Sudoku B=384 T=82, Maze B=96 T=900; H=8, D=64) and add + RMSNorm,
@@ -163,11 +163,18 @@ def time_train_steps(shape):
     steps = {}
     for name in STEP_VARIANTS:
         t0 = time.perf_counter()
+        held_before = torch.cuda.memory_allocated() if device == 'cuda' else 0  # the other variants' models
         steps[name] = make_train_step(name, shape)
         for _ in range(1 if tiny else 3):  # compile, warm up
             loss = steps[name]()
         sync()
-        print(f"{name}: warm-up incl. compile {time.perf_counter() - t0:.0f} s, loss {loss.item():.4f}")
+        peak = ""
+        if device == 'cuda':  # the peak of one step above what the variants before it hold: its own process's peak
+            torch.cuda.reset_peak_memory_stats()
+            steps[name]()
+            sync()
+            peak = f", peak memory {(torch.cuda.max_memory_allocated() - held_before) / 2**30:.2f} GiB"
+        print(f"{name}: warm-up incl. compile {time.perf_counter() - t0:.0f} s, loss {loss.item():.4f}{peak}")
     graphs = counters["stats"]["unique_graphs"]
     times = {name: [] for name in STEP_VARIANTS}
     for _ in range(windows):
