@@ -9,8 +9,8 @@ In the order it runs:
 
 1. step: one whole compiled HRM training step per backend (the model's forward with its Q-continue pass,
    the backward, both optimizers, the carry kept from step to step), the backends taking turns over
-   several timed windows in one process; the median ms/step of each, and on a GPU its peak memory. The figure that says whether a
-   kernel earns its place: op-level gains matter only as far as they show here.
+   several timed windows in one process; the median ms/step of each, and on a GPU its peak memory. The
+   figure that says whether a kernel earns its place: op-level gains matter only as far as they show here.
 2. check: bfloat16 errors of each path against float64 references, forward and backward.
 3. ops: GPU time of attention (Sudoku B=384 T=82, Maze B=96 T=900; H=8, D=64) and add + RMSNorm,
    forward and backward: the kernels' durations summed by the profiler, L2 flushed between calls. At
