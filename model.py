@@ -149,6 +149,9 @@ class Block(nn.Module):
             self.self_attn = Attention(config.hidden_size, config.num_heads)
         else:
             self.token_mlp = SwiGLU(num_tokens, config.expansion)
+            # zero, so each block starts as its channel MLP alone and learns to mix from there: from a random
+            # start (TRM's) the model sat at uniform digits for the first ~2,500 steps of config/sudoku_fast.py
+            nn.init.zeros_(self.token_mlp.down_proj.weight)
         self.mlp = SwiGLU(config.hidden_size, config.expansion)
         self.eps = config.rms_norm_eps
 

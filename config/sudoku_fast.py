@@ -29,7 +29,9 @@ What it changes from config/sudoku.py (the paper's recipe), and why:
 - From TRM: grad_L_steps=2, the gradient through the whole last H cycle (both its L steps, not only the
   last), and mixer='mlp' with pos_encodings='none', a SwiGLU across the 82 positions in attention's place.
   Together (not measured apart): 15.5% against 12.1% at 32 adaptive segments, 12.2% against 9.4% at 16,
-  although a step takes 38.8 ms instead of 28.0 and the run makes 27,285 steps instead of 36,787.
+  although a step takes 38.8 ms instead of 28.0 and the run makes 27,285 steps instead of 36,787. The
+  mixer now starts at zero (model.py), which on a CPU at a small scale took away a plateau at uniform
+  digits that cost that run its first 2,500 steps (not yet measured in a 20-minute run).
 notes/sudoku_fast.md has the runs, their curves and what to try next.
 """
 out_dir = 'out-sudoku-fast'
