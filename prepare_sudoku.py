@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import (BadRows, DataError, check_ranges, dataset_path, download_once, exit_cleanly, human_bytes, metadata,
-                     puzzle_arrays, random_relabellings, read_csv, resolve_input, write_dataset)
+                     puzzle_arrays, random_relabellings, rank, read_csv, resolve_input, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe, built from the shipped sample
@@ -242,6 +242,30 @@ def undo_transforms(grids, cell_source, digit_map):
     back = np.empty_like(grids)
     back[row, cell_source] = digit_back[row, grids]  # new cell k came from old cell cell_source[k]
     return back
+
+
+def vote(solve, questions, votes):
+    """Every puzzle (N, 81 digits) solved as itself and under votes - 1 random symmetries, the answers mapped
+    back and pooled (dataset.rank): the grid most copies give wins, a tie going to the highest mean Q-halt
+    probability; the model's own vote, no Sudoku rule consulted. solve(tokens (N * votes, 81)) -> (predicted
+    tokens (N * votes, 81), Q-halt probabilities (N * votes,)). Returns the voted grids (N, 81), the puzzles'
+    own answers (copy 0, the puzzle itself) and the winners' votes (N,)."""
+    n = len(questions)
+    # a fixed draw: the same puzzles are voted over the same copies in every run and by every script
+    cell_source, digit_map = random_transforms(n * votes, np.random.default_rng(0))
+    cell_source[::votes], digit_map[::votes] = np.arange(SEQ_LEN), np.arange(10)
+    tokens, q_halt = solve(encode(apply_transforms(np.repeat(questions, votes, axis=0), cell_source, digit_map)))
+    answers = undo_transforms(decode(tokens), cell_source, digit_map).reshape(n, votes, SEQ_LEN)
+    q_halt = np.asarray(q_halt, np.float64).reshape(n, votes)
+    winners = [rank(list(zip(answers[i], q_halt[i])))[0] for i in range(n)]
+    return np.stack([grid for grid, _, _ in winners]), answers[:, 0], np.array([v for _, v, _ in winners])
+
+
+def evaluate_votes(data, solve, votes, num_examples):
+    """train.py's final evaluation with eval_votes: the exact accuracy of the answers voted over `votes`
+    symmetric copies of each of the first num_examples test examples (vote)."""
+    voted, _, _ = vote(solve, decode(data.inputs[:num_examples]), votes)
+    return dict(voted_exact_accuracy=float((voted == decode(data.labels[:num_examples])).all(1).mean()))
 
 
 def augment(questions, answers, num_aug, rng, show_progress=False):

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, rank, write_text_atomically
+from dataset import BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, write_text_atomically
 from model import build_model, check_device, check_fp8, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -170,21 +170,18 @@ def print_exact_accuracy(entries, finals, what="exact accuracy against the given
 
 
 def vote_over_symmetries(model, forward, questions):
-    """Sudoku's --votes: every puzzle (N, 81) solved as itself and under votes - 1 random symmetries, the
-    answers mapped back and pooled (dataset.rank). Returns the voted boards (N, 81), the puzzle-alone boards
+    """Sudoku's --votes (prepare_sudoku.vote): returns the voted boards (N, 81), the puzzle-alone boards
     (N, 81), the winner's votes (N,) and the segments all copies of a puzzle ran (N,)."""
     import prepare_sudoku as ps
-    n = len(questions)
-    # a fixed draw: a rerun on the same puzzles votes over the same copies
-    cell_source, digit_map = ps.random_transforms(n * votes, np.random.default_rng(0))
-    cell_source[::votes], digit_map[::votes] = np.arange(81), np.arange(10)  # copy 0 of each: the puzzle itself
-    tokens, q_halt, segments = run(model, forward, ps.encode(ps.apply_transforms(np.repeat(questions, votes, axis=0),
-                                                                                   cell_source, digit_map)))
-    answers = ps.undo_transforms(ps.decode(tokens[-1]), cell_source, digit_map).reshape(n, votes, 81)
-    q_halt = q_halt[-1].reshape(n, votes)
-    winners = [rank(list(zip(answers[i], q_halt[i])))[0] for i in range(n)]
-    return (np.stack([grid for grid, _, _ in winners]), answers[:, 0], np.array([v for _, v, _ in winners]),
-            segments.reshape(n, votes).sum(1))
+    segments = []
+
+    def solve(tokens):
+        predictions, q_halt, copy_segments = run(model, forward, tokens)
+        segments.append(copy_segments)
+        return predictions[-1], q_halt[-1]
+
+    voted, alone, agree = ps.vote(solve, questions, votes)
+    return voted, alone, agree, segments[0].reshape(len(questions), votes).sum(1)
 
 
 def sudoku(model, forward):

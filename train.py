@@ -13,6 +13,7 @@ only the sequences that halted take a fresh example from the next batch, as in t
 reports the model's metrics and, where the dataset names its task, the task's own (prepare_<task>.py's
 evaluate: a maze's path validity, ARC's voted answers, a forecast's errors in real units beside baselines).
 """
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -22,6 +23,7 @@ import os
 import re
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -60,6 +62,8 @@ max_minutes = 0.0           # if > 0, the whole run's wall-clock budget, start t
                             # is fitted to the steps that fit, measured on the first FIT_STEPS steps
 eval_max_examples = 0       # if > 0, evaluate on the first this-many examples of each evaluation split only
 eval_halt_max_steps = 0     # if > 0, evaluation runs (halt_adaptive: at most) this many ACT segments
+eval_votes = 1              # Sudoku: if > 1, the final evaluation also solves each test puzzle under eval_votes - 1
+                            # random symmetries and scores the answer most copies give (voted_exact_accuracy)
 # model
 H_cycles = 2
 L_cycles = 2
@@ -134,6 +138,7 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('max_steps', max_steps >= 0, '>= 0 (0 = the whole schedule)'),
           ('eval_max_examples', eval_max_examples >= 0, '>= 0'),
           ('eval_halt_max_steps', eval_halt_max_steps >= 0, '>= 0 (0 = halt_max_steps)'),
+          ('eval_votes', eval_votes >= 1, '>= 1 (1 = no voting)'),
           ('seed', seed >= 0, '>= 0'), ('warmup_steps', warmup_steps >= 0, '>= 0'),
           ('lr_min_ratio', 0 <= lr_min_ratio <= 1, 'in [0, 1]'), ('grad_clip', grad_clip >= 0, '>= 0'),
           ('max_minutes', max_minutes >= 0, '>= 0 (0 = no budget)'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
@@ -191,11 +196,15 @@ else:  # puzzles: examples in train/ and test/
                       loss_type=loss_type)
     examples_per_epoch = train_data.num_groups * meta['mean_puzzle_examples']
     described = f"{train_data.num_examples:,} training examples in {train_data.num_groups:,} groups"
-task_evaluate = None  # the task's own metrics, from prepare_<task>.py when the dataset names its task
+task_evaluate = task_vote = None  # the task's own metrics, from prepare_<task>.py when the dataset names its task
 if meta.get('task'):
     if importlib.util.find_spec(f"prepare_{meta['task']}") is None:
         raise DataError(f"{data_dir} was built for task {meta['task']!r}, but there is no prepare_{meta['task']}.py")
-    task_evaluate = getattr(importlib.import_module(f"prepare_{meta['task']}"), 'evaluate', None)
+    task_module = importlib.import_module(f"prepare_{meta['task']}")
+    task_evaluate, task_vote = getattr(task_module, 'evaluate', None), getattr(task_module, 'evaluate_votes', None)
+if eval_votes > 1 and task_vote is None:
+    raise DataError(f"eval_votes={eval_votes}: voting over symmetries is for Sudoku, and {data_dir} is "
+                    f"{'a ' + meta['task'] if meta.get('task') else 'an unnamed'} dataset")
 total_steps = max(1, int(epochs * examples_per_epoch / global_batch_size))  # lr schedule
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
 model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
@@ -342,18 +351,30 @@ def save_checkpoint():
         write_atomically(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
 
 
+@contextlib.contextmanager
+def evaluation_mode():
+    """The model in eval mode, running as many ACT segments as evaluation does (it can think longer than
+    trained), and back to training after."""
+    raw_model.eval()
+    raw_model.config.halt_max_steps = eval_halt_max_steps or halt_max_steps
+    try:
+        yield
+    finally:
+        raw_model.train()
+        raw_model.config.halt_max_steps = halt_max_steps
+
+
 @torch.no_grad()
 def evaluate(warm_up=False):
-    """Run every batch of each evaluation split from a fresh carry until all its sequences halt. Returns the
-    model's metrics, averaged over the examples of all processes, and the task's own metrics from the
-    predictions; those of a split other than test are named with the split first (val_mse). With warm_up,
-    only the first batch of each split runs, to compile the evaluation graph, and nothing is returned."""
+    """Inside evaluation_mode: run every batch of each evaluation split from a fresh carry until all its
+    sequences halt. Returns the model's metrics, averaged over the examples of all processes, and the task's
+    own metrics from the predictions; those of a split other than test are named with the split first
+    (val_mse). With warm_up, only the first batch of each split runs, to compile the evaluation graph, and
+    nothing is returned."""
     model_in_eval = model.module if ddp else model
-    raw_model.eval()
-    raw_model.config.halt_max_steps = eval_halt_max_steps or halt_max_steps  # ACT can think longer than trained
     result = {}
     for split, data in eval_sets.items():
-        num_eval = data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, data.num_examples)
+        num_eval = num_eval_examples(data)
         if warm_up:
             batch = next(eval_batches(data, num_eval, global_batch_size, rank, world_size))
             raw_model.run_to_halt(model_in_eval, to_device(batch))
@@ -376,21 +397,53 @@ def evaluate(warm_up=False):
             predictions, q_halt = torch.cat(predictions)[:num_eval].numpy(), torch.cat(q_halt)[:num_eval].numpy()
             metrics.update(task_evaluate(data, predictions, q_halt, out_dir))
         result.update({k if split == 'test' else f'{split}_{k}': v for k, v in metrics.items()})
-    raw_model.train()
-    raw_model.config.halt_max_steps = halt_max_steps
     return result
+
+
+def num_eval_examples(data):
+    return data.num_examples if eval_max_examples <= 0 else min(eval_max_examples, data.num_examples)
+
+
+@torch.no_grad()
+def solve_everywhere(tokens):
+    """Sequences of tokens (M, seq_len) through model.solve, each process solving its share: the predicted
+    tokens (M, seq_len) and final Q-halt probabilities (M,) of all of them, gathered, as numpy arrays."""
+    share = -(-len(tokens) // world_size)
+    mine = np.zeros((share, tokens.shape[1]), np.int32)  # a short last share is padded with PAD sequences
+    part = tokens[rank * share:(rank + 1) * share]
+    mine[:len(part)] = part
+    inputs = torch.from_numpy(mine).to(device)
+    predictions, q_halt, _ = raw_model.solve(model.module if ddp else model, inputs,
+                                             torch.zeros_like(inputs[:, 0]), batch_size)
+    return gather(predictions)[:len(tokens)].cpu().numpy(), gather(q_halt)[:len(tokens)].cpu().numpy()
+
+
+def evaluate_votes(warm_up=False):
+    """eval_votes: the task's score of answers voted over symmetric copies of the test examples
+    (prepare_<task>.py's evaluate_votes), the copies streaming through model.solve. With warm_up, one batch
+    only: it compiles what model.solve runs (inputs without labels) before a budget is timed."""
+    data = eval_sets['test']
+    if warm_up:
+        solve_everywhere(data.inputs[:global_batch_size])
+        return {}
+    return task_vote(data, solve_everywhere, eval_votes, num_eval_examples(data))
 
 
 def minutes():
     return (time.time() - run_start) / 60
 
 
-def log_eval(step):
-    """Evaluate (with the average of the weights, if one is kept), print and log; returns the seconds it took."""
+def log_eval(step, final=False):
+    """Evaluate (with the average of the weights, if one is kept), the final time with eval_votes' vote too;
+    print and log. Returns the seconds the evaluation took, the vote's not counted."""
     started = time.time()
     if ema is not None:
         ema.swap()
-    metrics = evaluate()
+    with evaluation_mode():
+        metrics = evaluate()
+        seconds = time.time() - started
+        if final and eval_votes > 1:
+            metrics.update(evaluate_votes())
     if ema is not None:
         ema.swap()
     if master_process:
@@ -399,13 +452,20 @@ def log_eval(step):
             f.write(json.dumps(dict(step=step, minutes=round(minutes(), 3), **metrics)) + '\n')
         if wandb_log:
             wandb.log({f'eval/{k}': v for k, v in metrics.items()}, step=step)
-    return time.time() - started
+    return seconds
 
 
-def fit_schedule(step_seconds, eval_seconds):
+def final_eval_seconds():
+    """The final evaluation's expected seconds: an evaluation, and with eval_votes as many again for each copy
+    of the test set (an upper bound: model.solve streams, so copies that halt early take less)."""
+    return eval_seconds * (1 + eval_votes if eval_votes > 1 else 1)
+
+
+def fit_schedule(step_seconds):
     """The step a budgeted run ends at: the steps that fit in what is left of max_minutes, each evaluation
-    (every eval_interval steps, and the final one) taking eval_seconds. The same on every process."""
-    left = 60 * max_minutes - (time.time() - run_start) - eval_seconds
+    (every eval_interval steps) taking eval_seconds, the final one final_eval_seconds. The same on every
+    process."""
+    left = 60 * max_minutes - (time.time() - run_start) - final_eval_seconds()
     steps = int(max(0.0, left) / (step_seconds + eval_seconds / eval_interval))
     if world_size > 1:  # the processes' clocks differ a little: take the first's
         steps = int(gather(torch.tensor([steps], device=device))[0])
@@ -429,7 +489,7 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 if eval_only:
-    log_eval(iter_num)
+    log_eval(iter_num, final=True)
     leave_process_group()
     raise SystemExit
 
@@ -490,7 +550,7 @@ while iter_num < stop_step:
         # with a step and a tenth of an evaluation to spare: the next ones may take a little longer than the last
         if max_minutes > 0 and not last and iter_num != fit_step:
             to_check = min(log_interval - iter_num % log_interval, stop_step - iter_num)
-            needed = 1.1 * eval_seconds + dt * (to_check + 1)
+            needed = 1.1 * final_eval_seconds() + dt * (to_check + 1)
             out_of_time = torch.tensor(time.time() - run_start + needed > 60 * max_minutes, device=device)
             if world_size > 1:  # every process follows the first's clock, or their collectives would part
                 dist.broadcast(out_of_time, 0)
@@ -506,19 +566,23 @@ while iter_num < stop_step:
         log_sums, t0, t0_step = None, time.time(), iter_num
     if evaluating:
         if iter_num == fit_step:  # the fit times a warm evaluation: compiling it is not every evaluation's cost
-            evaluate(warm_up=True)
-        eval_seconds = log_eval(iter_num)
+            with evaluation_mode():
+                evaluate(warm_up=True)
+                if eval_votes > 1:
+                    evaluate_votes(warm_up=True)
+        eval_seconds = log_eval(iter_num, final=last)
         if fit_step and start_step + 5 <= iter_num < fit_step:
             fit_started += eval_seconds  # the fit times steps, not evaluations
         if max_minutes > 0 and not last:  # fit (after each evaluation, refit) the schedule to the budget left
             if iter_num > warmup_steps:  # the decay goes on from where it is, so the lr never jumps
                 decay_anchor = (iter_num, decay_progress(iter_num))
-            total_steps = max(iter_num + 1, fit_schedule(dt, eval_seconds))
+            total_steps = max(iter_num + 1, fit_schedule(dt))
             stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
             progress.total = stop_step
             if master_process and iter_num == fit_step:
+                voting = f" (the final one, voting, up to {final_eval_seconds():.0f} s)" if eval_votes > 1 else ""
                 tqdm.write(f"max_minutes={max_minutes}: at {dt * 1000:.1f} ms/step and {eval_seconds:.1f} s per "
-                           f"evaluation the run ends at step {stop_step:,}, where the lr schedule ends")
+                           f"evaluation{voting} the run ends at step {stop_step:,}, where the lr schedule ends")
         if always_save_checkpoint or last:
             save_checkpoint()
         t0 = time.time()  # evaluation time is not training time
