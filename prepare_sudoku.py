@@ -263,9 +263,11 @@ def vote(solve, questions, votes):
 
 def evaluate_votes(data, solve, votes, num_examples):
     """train.py's final evaluation with eval_votes: the exact accuracy of the answers voted over `votes`
-    symmetric copies of each of the first num_examples test examples (vote)."""
-    voted, _, _ = vote(solve, decode(data.inputs[:num_examples]), votes)
-    return dict(voted_exact_accuracy=float((voted == decode(data.labels[:num_examples])).all(1).mean()))
+    symmetric copies of each of the first num_examples test examples (vote), and the share of the copies
+    that gave the winning answer (1: every copy agreed)."""
+    voted, _, agreed = vote(solve, decode(data.inputs[:num_examples]), votes)
+    return dict(voted_exact_accuracy=float((voted == decode(data.labels[:num_examples])).all(1).mean()),
+                vote_agreement=float(agreed.mean() / votes))
 
 
 def augment(questions, answers, num_aug, rng, show_progress=False):
