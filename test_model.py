@@ -15,6 +15,7 @@ One section per file under test:
 - configurator.py, then train.py and sample.py end to end in subprocesses on small data, with their errors;
 - on a CUDA GPU only: a bfloat16 training step of the whole HRM with each kernel backend.
 """
+import concurrent.futures
 import copy
 import csv
 import dataclasses
@@ -27,6 +28,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -2133,14 +2135,20 @@ def test_maze_training_reports_path_validity(maze_checkpoint):
     assert all(0 <= log[k] <= 1 for k in metrics) and log["valid_shortest_path"] >= log["exact_accuracy"], log
 
 
-def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path):
+def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path, start_script):
     out = str(maze_checkpoint / "out")
     (q,), _ = pm.generate_mazes(1, 9, 10, np.random.default_rng(9))
     text = pm.to_text(q)
     mazes = tmp_path / "mazes.txt"
     mazes.write_text("\n".join(as_grid(text)) + "\n\n" + text.replace("G", " ") + "\n")
-    result = run_script("sample.py", [f"--out_dir={out}", f"--maze={mazes}", "--show_steps=True", "--halt_max_steps=3"],
-                        cwd=tmp_path)
+    shown = start_script("sample.py", [f"--out_dir={out}", f"--maze={mazes}", "--show_steps=True",
+                                       "--halt_max_steps=3"], cwd=tmp_path)
+    scored = start_script("sample.py", [f"--out_dir={out}", f"--maze={maze_checkpoint / 'test.csv'}", "--quiet=True"],
+                          cwd=tmp_path)
+    no_start = start_script("sample.py", [f"--out_dir={out}", "--maze=" + text.replace("S", " ")], cwd=tmp_path,
+                            check=False)
+    voted = start_script("sample.py", [f"--out_dir={out}", f"--maze={text}", "--votes=4"], cwd=tmp_path, check=False)
+    result = shown.result()
     lines = result.stdout.splitlines()
     assert f"sample.py: {mazes} line 11: question has 1 S and 0 G, expected one of each" in lines
     assert sum(line.startswith(f"{mazes} line 1, after segment ") for line in lines) == 2  # beyond training's 2
@@ -2150,14 +2158,11 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path):
     assert valid or lines[final].startswith(f"{mazes} line 1, after 3 segments: not a valid shortest path (")
     assert f"1 maze(s) through the model, {int(valid)} solved with a valid shortest path; 1 could not be read" in lines
     assert "\033[" not in result.stdout  # not a terminal: no colours
-    scored = run_script("sample.py", [f"--out_dir={out}", f"--maze={maze_checkpoint / 'test.csv'}", "--quiet=True"],
-                        cwd=tmp_path)
+    scored = scored.result()
     assert "12 maze(s) through the model" in scored.stdout
     assert re.search(r"^exact accuracy against the given answers: \d+/12 = ", scored.stdout, re.M)
-    one_line_error(run_script("sample.py", [f"--out_dir={out}", "--maze=" + text.replace("S", " ")], cwd=tmp_path,
-                              check=False), "no maze could be read (1 had errors)")
-    one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--maze={text}", "--votes=4"], cwd=tmp_path,
-                              check=False), "votes=4: voting over symmetries is for Sudoku, and this is a maze model")
+    one_line_error(no_start.result(), "no maze could be read (1 had errors)")
+    one_line_error(voted.result(), "votes=4: voting over symmetries is for Sudoku, and this is a maze model")
 
 
 # -----------------------------------------------------------------------------
@@ -2564,7 +2569,7 @@ def test_arc_format_grids_in_digits_and_colours():
     assert "\x1b[48;5;26m  \x1b[48;5;196m  \x1b[0m" in coloured  # ARC blue, red
 
 
-def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path):
+def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
     """The whole path on the command line: the shipped sample, a few training steps of a tiny model, the
     evaluation's votes, submission.json, and sample.py showing a task and solving a new one."""
     result = run_prepare("--source=sample", "--num_aug=2", cwd=tmp_path, script="prepare_arc.py")
@@ -2572,6 +2577,11 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path):
     out = tmp_path / "out"
     run_script("train.py", ["--dataset=arc-sample-aug-2", f"--out_dir={out}", "--global_batch_size=8", "--max_steps=4",
                             "--eval_interval=4", "--puzzle_emb_ndim=16", "--halt_max_steps=2"] + TINY_MODEL, cwd=tmp_path)
+    new_task = tmp_path / "new.json"
+    new_task.write_text(json.dumps(dict(train=[dict(input=[[1, 2]], output=[[2, 1]])], test=[dict(input=[[3, 4]])])))
+    shown = start_script("sample.py", [f"--out_dir={out}", "--arc_task=6ea4a07e"], cwd=tmp_path)
+    unknown = start_script("sample.py", [f"--out_dir={out}", f"--arc_task={new_task}"], cwd=tmp_path)
+    training_task = start_script("sample.py", [f"--out_dir={out}", "--arc_task=0d3d703e"], cwd=tmp_path, check=False)
     final = read_eval_log(out)[-1]
     assert final["tasks_scored"] == 10 and final["test_inputs_scored"] == 11 and final["votes_per_input"] == 3
     assert all(0 <= final[k] <= 1 for k in ("pass@1", "pass@2", "task_pass@1", "task_pass@2"))
@@ -2585,19 +2595,17 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path):
         for attempt in (a for answer in answers for a in (answer["attempt_1"], answer["attempt_2"])):
             pa.to_grid(attempt, task_id)  # a valid ARC grid
 
-    result = run_script("sample.py", [f"--out_dir={out}", "--arc_task=6ea4a07e"], cwd=tmp_path)
+    result = shown.result()
     lines = result.stdout.splitlines()
     assert "task 6ea4a07e (data/arc-sample-aug-2), 3 variant(s) voting" in lines
     assert "demonstration 1: 3x3   -> 3x3" in lines and "8 0 0                  0 2 2" in lines
     assert sum(l.startswith("test input ") for l in lines) == 2 and "\x1b[" not in result.stdout
     assert any(l.startswith("input 3x3   attempt 1: ") for l in lines) and "answer 3x3" in result.stdout
     assert any(re.fullmatch(r"\d/2 test input\(s\) right within two attempts", l) for l in lines)
-    new_task = tmp_path / "new.json"
-    new_task.write_text(json.dumps(dict(train=[dict(input=[[1, 2]], output=[[2, 1]])], test=[dict(input=[[3, 4]])])))
-    result = run_script("sample.py", [f"--out_dir={out}", f"--arc_task={new_task}"], cwd=tmp_path)
+    result = unknown.result()
     assert "task new is not in data/arc-sample-aug-2's puzzle identifiers" in result.stdout
     assert "test input 1: no answer known" in result.stdout and "8 variant(s) voting" in result.stdout
-    one_line_error(run_script("sample.py", [f"--out_dir={out}", "--arc_task=0d3d703e"], cwd=tmp_path, check=False),
+    one_line_error(training_task.result(),
                    "--arc_task=0d3d703e is a training task of data/arc-sample-aug-2, not in its evaluation set")
 
 
@@ -2975,29 +2983,30 @@ def synthetic_run(tmp_path_factory):
     return root
 
 
-def test_timeseries_end_to_end(synthetic_run, tmp_path):
+def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
+    plot = tmp_path / "forecast.svg"
+    result = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", f"--plot={plot}", "--variable=demand",
+                                        "--window=3"], cwd=synthetic_run)
+    args = [f"--out_dir={synthetic_run / 'out'}", f"--plot={tmp_path / 'OT.svg'}", "--variable=OT"]
+    no_variable = start_script("sample.py", args, cwd=synthetic_run, check=False)
+    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--input_len=2000"] + TINY_MODEL
+    too_short = start_script("train.py", args, cwd=synthetic_run, check=False)
+    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--init_from=reference", "--reference_checkpoint=x.pt"]
+    not_puzzles = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
     log = read_eval_log(synthetic_run / "out")
     assert [row["step"] for row in log] == [20, 40]
     for key in ("mse", "mae", "mse_real", "mae_real", "last_value_mse", "last_value_mae", "dlinear_mse", "dlinear_mae",
                 "steps", "q_halt_accuracy"):
         assert key in log[-1] and f"val_{key}" in log[-1], key
     assert log[-1]["mse"] < log[-1]["last_value_mse"] and log[-1]["steps"] == 2
-    plot = tmp_path / "forecast.svg"
-    result = run_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", f"--plot={plot}", "--variable=demand",
-                                      "--window=3"], cwd=synthetic_run)
-    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.split()}
+    rows = {line.split()[0]: line.split()[1:] for line in result.result().stdout.splitlines() if line.split()}
     assert float(rows["model"][0]) == pytest.approx(log[-1]["mse"], abs=1e-4)  # printed with 4 decimals
     assert float(rows["dlinear"][0]) == pytest.approx(log[-1]["dlinear_mse"], abs=1e-4) and "last_value" in rows
     import xml.etree.ElementTree as ET
     assert "demand: test window 3" in ET.parse(plot).getroot().findtext("{http://www.w3.org/2000/svg}text")
-    args = [f"--out_dir={synthetic_run / 'out'}", f"--plot={plot}", "--variable=OT"]
-    one_line_error(run_script("sample.py", args, cwd=synthetic_run, check=False),
-                   "variable='OT': the series has demand, temperature, supply")
-    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--input_len=2000"] + TINY_MODEL
-    one_line_error(run_script("train.py", args, cwd=synthetic_run, check=False),
-                   "the train part (rows 0 to 1,120) is too short for one window")
-    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--init_from=reference", "--reference_checkpoint=x.pt"]
-    one_line_error(run_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False),
+    one_line_error(no_variable.result(), "variable='OT': the series has demand, temperature, supply")
+    one_line_error(too_short.result(), "the train part (rows 0 to 1,120) is too short for one window")
+    one_line_error(not_puzzles.result(),
                    "init_from='reference' loads the original's puzzle HRM, but data/synthetic is a time series")
 
 
@@ -3088,6 +3097,19 @@ def run_script(script, args, cwd, nproc=0, check=True):
     return result
 
 
+# a few commands at a time, side by side: each holds torch in memory
+SIDE_BY_SIDE = min(os.cpu_count() or 1, 4)
+
+
+@pytest.fixture
+def start_script():
+    """run_script in the background, as a future of its result: independent commands started together run side by
+    side, one per core, instead of one after another (each spends seconds importing torch on one core). The test
+    waits for what it started before it ends."""
+    with concurrent.futures.ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
+        yield functools.partial(pool.submit, run_script)
+
+
 def one_line_error(result, message):
     """The process failed with exactly one line on stderr, which holds message."""
     lines = [l for l in result.stderr.splitlines() if l.strip() and not l.startswith("hrm.attn")]
@@ -3113,17 +3135,32 @@ def read_eval_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("recipe", [[], ["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2", "--max_steps=120",
-                                         "--eval_interval=120"]], ids=["paper", "mlp_mixer_full_cycle_gradient"])
-def test_tiny_hrm_learns_a_task(reverse_task, tmp_path, recipe):
+LEARNING_RECIPES = {"paper": [], "mlp_mixer_full_cycle_gradient": ["--mixer=mlp", "--pos_encodings=none",
+                                                                     "--grad_L_steps=2", "--max_steps=120",
+                                                                     "--eval_interval=120"]}
+
+
+@pytest.fixture(scope="module")
+def learning_runs(reverse_task, tmp_path_factory):
+    """train.py on the reverse task with each of LEARNING_RECIPES, the runs side by side: each one's result and
+    out_dir."""
+    def learn(recipe):
+        out = str(tmp_path_factory.mktemp("learn") / "out")
+        return run_script("train.py", ["--dataset=reverse", f"--out_dir={out}", "--global_batch_size=32",
+                                       "--hidden_size=64", "--puzzle_emb_ndim=0", "--halt_max_steps=2",
+                                       "--learning_rate=1e-3", "--warmup_steps=20", "--weight_decay=0.1",
+                                       "--max_steps=500", "--eval_interval=500"] + TINY_MODEL[1:] + recipe,
+                          cwd=reverse_task), out
+    with concurrent.futures.ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
+        return dict(zip(LEARNING_RECIPES, pool.map(learn, LEARNING_RECIPES.values())))
+
+
+@pytest.mark.parametrize("name", LEARNING_RECIPES)
+def test_tiny_hrm_learns_a_task(learning_runs, name):
     # reversing needs positions: with the MLP mixer and no position encoding they come from the mixer alone,
     # whose per-position weights suit a fixed permutation: in 120 steps it reverses 97% of the digits
-    out = str(tmp_path / "out")
-    result = run_script("train.py", ["--dataset=reverse", f"--out_dir={out}", "--global_batch_size=32",
-                                     "--hidden_size=64", "--puzzle_emb_ndim=0", "--halt_max_steps=2",
-                                     "--learning_rate=1e-3", "--warmup_steps=20", "--weight_decay=0.1",
-                                     "--max_steps=500", "--eval_interval=500"] + TINY_MODEL[1:] + recipe,
-                        cwd=reverse_task)
+    recipe = LEARNING_RECIPES[name]
+    result, out = learning_runs[name]
     # the backend choice is shown once: head_dim 32 has no kernel (or, without triton, no kernels at all)
     if not recipe:
         assert len(re.findall(r"hrm\.attn: attention: PyTorch SDPA \((head_dim 32 not in|triton is not installed)",
@@ -3144,14 +3181,15 @@ def load_checkpoint(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
 
 
-def test_resumed_run_reaches_the_same_weights(reverse_task, tmp_path):
+def test_resumed_run_reaches_the_same_weights(reverse_task, tmp_path, start_script):
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    run_script("train.py", RESUME_ARGS + [f"--out_dir={whole}", "--max_steps=30"], cwd=reverse_task)
-    run_script("train.py", RESUME_ARGS + [f"--out_dir={parts}", "--max_steps=10"], cwd=reverse_task)
+    whole_run = start_script("train.py", RESUME_ARGS + [f"--out_dir={whole}", "--max_steps=30"], cwd=reverse_task)
+    start_script("train.py", RESUME_ARGS + [f"--out_dir={parts}", "--max_steps=10"], cwd=reverse_task).result()
     assert load_checkpoint(parts)["iter_num"] == 10
     # a resume takes the run's own config from the checkpoint: only what the command sets changes
     resumed = run_script("train.py", [f"--out_dir={parts}", "--max_steps=30", "--init_from=resume"], cwd=reverse_task)
     assert "resuming from" in resumed.stdout and "at step 10" in resumed.stdout
+    whole_run.result()
     a, b = load_checkpoint(whole), load_checkpoint(parts)
     assert a["iter_num"] == b["iter_num"] == 30 and a["loader"] == b["loader"]
     for key in a["model"]:
@@ -3162,16 +3200,17 @@ def test_resumed_run_reaches_the_same_weights(reverse_task, tmp_path):
     assert {"model", "optimizer", "sparse_optimizer", "iter_num", "loader", "carry", "rng", "config",
             "model_args"} <= a.keys() and a["config"]["learning_rate"] == 1e-3
 
-    # what a resume cannot apply is refused, naming the key; a finished run says there is nothing to do
-    one_line_error(run_script("train.py", [f"--out_dir={parts}", "--init_from=resume", "--global_batch_size=16"],
-                              cwd=reverse_task, check=False), "global_batch_size=16, but the run in")
-    one_line_error(run_script("train.py", [f"--out_dir={parts}", "--init_from=resume", "--hidden_size=64"],
-                              cwd=reverse_task, check=False), "hidden_size=64, but the run in")
-    one_line_error(run_script("train.py", [f"--out_dir={parts}", "--init_from=resume"], cwd=reverse_task, check=False),
-                   "is at step 30, the end of this run (30 steps): nothing to train")
-    # a new run does not overwrite another run's checkpoint
-    one_line_error(run_script("train.py", RESUME_ARGS + [f"--out_dir={parts}"], cwd=reverse_task, check=False),
-                   "ckpt.pt exists: continue it with --init_from=resume")
+    # what a resume cannot apply is refused, naming the key; a finished run says there is nothing to do; a new run
+    # does not overwrite another run's checkpoint
+    refusals = [([f"--out_dir={parts}", "--init_from=resume", "--global_batch_size=16"],
+                 "global_batch_size=16, but the run in"),
+                ([f"--out_dir={parts}", "--init_from=resume", "--hidden_size=64"], "hidden_size=64, but the run in"),
+                ([f"--out_dir={parts}", "--init_from=resume"],
+                 "is at step 30, the end of this run (30 steps): nothing to train"),
+                (RESUME_ARGS + [f"--out_dir={parts}"], "ckpt.pt exists: continue it with --init_from=resume")]
+    started = [start_script("train.py", args, cwd=reverse_task, check=False) for args, _ in refusals]
+    for (_, message), result in zip(refusals, started):
+        one_line_error(result.result(), message)
 
 
 def test_a_kill_between_evaluation_and_checkpoint_leaves_no_duplicate_log_line(reverse_task, tmp_path):
@@ -3246,34 +3285,43 @@ def test_evaluation_at_more_segments_leaves_training_at_its_own(reverse_task, tm
     assert len(trained) == 8 and max(trained) == 3.0, trained
 
 
-def test_a_budgeted_resume_keeps_max_steps(reverse_task, tmp_path):
-    args = RESUME_ARGS + [f"--out_dir={tmp_path}", "--epochs=1000", "--max_steps=30", "--eval_interval=100000"]
+def test_a_budgeted_resume_keeps_max_steps(reverse_task, tmp_path, start_script):
+    out = tmp_path / "out"
+    args = RESUME_ARGS + [f"--out_dir={out}", "--epochs=1000", "--max_steps=30", "--eval_interval=100000"]
     run_script("train.py", args + ["--max_minutes=5"], cwd=reverse_task)
-    assert load_checkpoint(tmp_path)["iter_num"] == 30
-    one_line_error(run_script("train.py", [f"--out_dir={tmp_path}", "--init_from=resume", "--max_minutes=10"],
-                              cwd=reverse_task, check=False), "is at step 30, the end of this run (30 steps)")
-    run_script("train.py", [f"--out_dir={tmp_path}", "--init_from=resume", "--max_minutes=10", "--max_steps=50"],
+    assert load_checkpoint(out)["iter_num"] == 30
+    # resumed with a longer budget alone, the run has nothing to do (tried on a copy of it, side by side with the
+    # resume below); with more steps too, it goes on to them
+    ended = start_script("train.py", [f"--out_dir={shutil.copytree(out, tmp_path / 'copy')}", "--init_from=resume",
+                                      "--max_minutes=10"], cwd=reverse_task, check=False)
+    run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--max_minutes=10", "--max_steps=50"],
                cwd=reverse_task)
-    assert load_checkpoint(tmp_path)["iter_num"] == 50 and read_eval_log(tmp_path)[-1]["step"] == 50
+    one_line_error(ended.result(), "is at step 30, the end of this run (30 steps)")
+    assert load_checkpoint(out)["iter_num"] == 50 and read_eval_log(out)[-1]["step"] == 50
 
 
-def test_the_weight_average_is_evaluated_saved_and_resumed(reverse_task, tmp_path):
+def test_the_weight_average_is_evaluated_saved_and_resumed(reverse_task, tmp_path, start_script):
     args = RESUME_ARGS + ["--ema_decay=0.9", "--max_steps=20"]
-    run_script("train.py", args + [f"--out_dir={tmp_path / 'whole'}"], cwd=reverse_task)
-    run_script("train.py", args[:-1] + ["--max_steps=10", f"--out_dir={tmp_path / 'parts'}"], cwd=reverse_task)
-    run_script("train.py", ["--max_steps=20", "--init_from=resume", f"--out_dir={tmp_path / 'parts'}"], cwd=reverse_task)
+    whole_run = start_script("train.py", args + [f"--out_dir={tmp_path / 'whole'}"], cwd=reverse_task)
+    start_script("train.py", args[:-1] + ["--max_steps=10", f"--out_dir={tmp_path / 'parts'}"],
+                 cwd=reverse_task).result()
+    resumed = start_script("train.py", ["--max_steps=20", "--init_from=resume", f"--out_dir={tmp_path / 'parts'}"],
+                           cwd=reverse_task)
+    whole_run.result()
+    # the logged evaluation is the average's: an evaluation of the raw weights differs
+    averaged = read_eval_log(tmp_path / "whole")[-1]
+    raw = start_script("train.py", ["--init_from=resume", "--eval_only=True", "--ema_decay=0.0",
+                                    f"--out_dir={tmp_path / 'whole'}"], cwd=reverse_task)
+    resumed.result()
     whole, parts = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
     assert whole["ema"].keys() == {n for n, _ in HRM(HRMConfig(**whole["model_args"])).named_parameters()}
     assert all(torch.equal(whole["ema"][n], parts["ema"][n]) for n in whole["ema"])
     assert any(not torch.equal(whole["ema"][n], whole["model"][n]) for n in whole["ema"])
-    # the logged evaluation is the average's: an evaluation of the raw weights differs
-    averaged = read_eval_log(tmp_path / "whole")[-1]
-    raw = run_script("train.py", ["--init_from=resume", "--eval_only=True", "--ema_decay=0.0",
-                                  f"--out_dir={tmp_path / 'whole'}"], cwd=reverse_task)
+    raw = raw.result()
     assert read_eval_log(tmp_path / "whole")[-1]["lm_loss"] != averaged["lm_loss"], raw.stdout[-1000:]
 
 
-def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path):
+def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path, start_script):
     # copying 12 digits is learnt exactly in 300 steps, and Q-halt with it: evaluated again with
     # halt_adaptive=True the same checkpoint answers after one segment of four, as right as before
     rng, splits = np.random.default_rng(0), {}
@@ -3287,12 +3335,16 @@ def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path):
                             "--puzzle_emb_ndim=0", "--halt_max_steps=4", "--act_continue=False", "--learning_rate=1e-3",
                             "--warmup_steps=20", "--weight_decay=0.1", "--max_steps=300", "--eval_interval=300"]
                + TINY_MODEL[1:], cwd=tmp_path)
-    run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True", "--halt_adaptive=True"],
-               cwd=tmp_path)
+    # the evaluations below, side by side, each of a copy of the run: each appends its line to the copy's log
+    adaptive_out, longer_out = shutil.copytree(out, tmp_path / "adaptive"), shutil.copytree(out, tmp_path / "longer")
+    adaptive = start_script("train.py", [f"--out_dir={adaptive_out}", "--init_from=resume", "--eval_only=True",
+                                         "--halt_adaptive=True"], cwd=tmp_path)
     # eval_halt_max_steps: evaluation runs longer than training does
-    run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True", "--eval_halt_max_steps=7"],
-               cwd=tmp_path)
-    fixed, adaptive, longer = read_eval_log(out)
+    longer = start_script("train.py", [f"--out_dir={longer_out}", "--init_from=resume", "--eval_only=True",
+                                       "--eval_halt_max_steps=7"], cwd=tmp_path)
+    adaptive.result()
+    longer.result()
+    (fixed,), (_, adaptive), (_, longer) = read_eval_log(out), read_eval_log(adaptive_out), read_eval_log(longer_out)
     assert fixed["exact_accuracy"] == adaptive["exact_accuracy"] == 1.0, (fixed, adaptive)
     assert fixed["steps"] == 4 and adaptive["steps"] == 1
     assert longer["steps"] == 7 and longer["exact_accuracy"] > 0.95, longer  # past training a sequence may drift
@@ -3300,11 +3352,11 @@ def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path):
 
 @pytest.mark.parametrize("recipe", [[], ["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2", "--act_continue=False",
                                      "--ema_decay=0.9"]], ids=["paper", "sudoku_fast"])
-def test_torchrun_two_processes_equal_one(reverse_task, tmp_path, recipe):
+def test_torchrun_two_processes_equal_one(reverse_task, tmp_path, recipe, start_script):
     args = RESUME_ARGS + ["--halt_exploration_prob=0.0", "--max_steps=20", "--backend=gloo"] + recipe
-    result = run_script("train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task, nproc=2)
-    assert "on 2 process(es)" in result.stdout
+    result = start_script("train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task, nproc=2)
     run_script("train.py", args + [f"--out_dir={tmp_path / 'single'}"], cwd=reverse_task)
+    assert "on 2 process(es)" in result.result().stdout
     # (every checkpoint also checks that the processes hold identical weights, or the run fails)
     ddp, single = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "single")
     assert ddp["world_size"] == 2 and ddp["carry"]["z_H"].shape[0] == 8
@@ -3314,15 +3366,15 @@ def test_torchrun_two_processes_equal_one(reverse_task, tmp_path, recipe):
             assert torch.allclose(ddp[weights][key].float(), value.float(), atol=1e-6), (weights, key)
 
 
-def test_torchrun_two_processes_evaluate_a_task_as_one(tmp_path):
+def test_torchrun_two_processes_evaluate_a_task_as_one(tmp_path, start_script):
     # ARC's votes (as a maze's path checks, through the same code) come from predictions gathered from both
     # processes in rank order
     assert run_prepare("--source=sample", "--num_aug=2", cwd=tmp_path, script="prepare_arc.py").returncode == 0
     args = ["--dataset=arc-sample-aug-2", "--puzzle_emb_ndim=16", "--global_batch_size=8", "--max_steps=4",
             "--eval_interval=4", "--halt_max_steps=2", "--halt_exploration_prob=0.0", "--backend=gloo"] + TINY_MODEL
-    two = run_script("train.py", args + [f"--out_dir={tmp_path / 'two'}"], cwd=tmp_path, nproc=2)
+    two = start_script("train.py", args + [f"--out_dir={tmp_path / 'two'}"], cwd=tmp_path, nproc=2)
     run_script("train.py", args + [f"--out_dir={tmp_path / 'one'}"], cwd=tmp_path)
-    assert "on 2 process(es)" in two.stdout and load_checkpoint(tmp_path / "two")["world_size"] == 2
+    assert "on 2 process(es)" in two.result().stdout and load_checkpoint(tmp_path / "two")["world_size"] == 2
     (by_two,), (by_one,) = read_eval_log(tmp_path / "two"), read_eval_log(tmp_path / "one")
     assert "task_pass@2" in by_one and by_two.keys() == by_one.keys()
     for key in by_one.keys() - {"minutes"}:
@@ -3343,7 +3395,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(reverse_task, tmp_p
     assert kept["iter_num"] == 10 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
 
 
-def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
+def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path, start_script):
     config = dict(vocab_size=11, seq_len=12, puzzle_emb_ndim=32, num_puzzle_identifiers=1, batch_size=8,
                   H_cycles=1, L_cycles=2, H_layers=1, L_layers=1, hidden_size=32, expansion=4.0, num_heads=2,
                   halt_max_steps=3, forward_dtype="float32")
@@ -3352,9 +3404,17 @@ def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
     reference = {"_orig_mod.model.inner." + k.replace("embed_tokens.weight", "embed_tokens.embedding_weight"): v
                  for k, v in model.state_dict().items()}
     torch.save(reference, tmp_path / "step_100")
+    torch.save({"not": torch.zeros(1)}, tmp_path / "foreign")
     out = str(tmp_path / "out")
-    run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--init_from=reference", "--eval_only=True",
-                                          f"--reference_checkpoint={tmp_path / 'step_100'}"], cwd=reverse_task)
+    evaluated = start_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--init_from=reference", "--eval_only=True",
+                                                        f"--reference_checkpoint={tmp_path / 'step_100'}"],
+                             cwd=reverse_task)
+    missing = start_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--init_from=reference",
+                                                      "--reference_checkpoint=nope"], cwd=reverse_task, check=False)
+    foreign = start_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--init_from=reference",
+                                                      f"--reference_checkpoint={tmp_path / 'foreign'}"],
+                           cwd=reverse_task, check=False)
+    evaluated.result()
     # the evaluation of the loaded weights equals this model's own
     model.eval()
     test = dataset.PuzzleData(os.path.join(reverse_task, "data", "reverse", "test"))
@@ -3364,13 +3424,8 @@ def test_train_from_a_checkpoint_of_the_original(reverse_task, tmp_path):
         for _ in range(3):
             carry, _, metrics, _ = model(carry, batch)
     assert read_eval_log(out)[-1]["accuracy"] == pytest.approx(metrics["accuracy"].item() / 16, abs=1e-6)
-    one_line_error(run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--init_from=reference",
-                                                         "--reference_checkpoint=nope"], cwd=reverse_task, check=False),
-                   "nope: no such file")
-    torch.save({"not": torch.zeros(1)}, tmp_path / "foreign")
-    one_line_error(run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--init_from=reference",
-                                                         f"--reference_checkpoint={tmp_path / 'foreign'}"],
-                              cwd=reverse_task, check=False), "does not match the model: missing")
+    one_line_error(missing.result(), "nope: no such file")
+    one_line_error(foreign.result(), "does not match the model: missing")
 
 
 @needs_triton
@@ -3399,7 +3454,7 @@ def test_every_recipe_in_config_is_accepted(tmp_path):
                    f"no dataset at data/{last}/train")
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_TRAIN_INPUT = [
     (["--no_such_key=1"], "unknown config key 'no_such_key'"),
     (["--global_batch_size=big"], "--global_batch_size=big: expected int"),
     (["--global_batch_size=0"], "global_batch_size=0: must be > 0"),
@@ -3414,9 +3469,21 @@ def test_every_recipe_in_config_is_accepted(tmp_path):
     (["--dataset=absent"], "no dataset at data/absent/train (no dataset.json): build one with a prepare_*.py script"),
     (["--init_from=resume", "--out_dir=nowhere"], "train.py: nowhere/ckpt.pt: no such file"),
     (["--init_from=reference"], "reference_checkpoint='': must be a path with init_from='reference'"),
-])
-def test_train_bad_input_is_one_line(reverse_task, args, message):
-    one_line_error(run_script("train.py", RESUME_ARGS + args, cwd=reverse_task, check=False), message)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_train_input_results(reverse_task):
+    """train.py's result for each of BAD_TRAIN_INPUT's arguments, the runs side by side."""
+    with concurrent.futures.ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
+        results = pool.map(lambda args: run_script("train.py", RESUME_ARGS + args, cwd=reverse_task, check=False),
+                           [args for args, _ in BAD_TRAIN_INPUT])
+        return {tuple(args): result for (args, _), result in zip(BAD_TRAIN_INPUT, results)}
+
+
+@pytest.mark.parametrize("args, message", BAD_TRAIN_INPUT)
+def test_train_bad_input_is_one_line(bad_train_input_results, args, message):
+    one_line_error(bad_train_input_results[tuple(args)], message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -3425,15 +3492,16 @@ def test_cuda_asked_for_on_a_machine_without_it(reverse_task):
                    "device='cuda', but torch sees no CUDA GPU")
 
 
-def test_damaged_checkpoint_is_named(reverse_task, tmp_path):
-    out = tmp_path / "out"
+def test_damaged_checkpoint_is_named(reverse_task, tmp_path, start_script):
+    out, foreign = tmp_path / "out", tmp_path / "foreign"
     out.mkdir()
+    foreign.mkdir()
     (out / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    one_line_error(run_script("train.py", [f"--out_dir={out}", "--init_from=resume"], cwd=reverse_task, check=False),
-                   f"{out / 'ckpt.pt'}: not a readable checkpoint")
-    torch.save({"weights": torch.zeros(2)}, out / "ckpt.pt")
-    one_line_error(run_script("sample.py", [f"--out_dir={out}", "--puzzle=" + "." * 81], cwd=tmp_path, check=False),
-                   "not a checkpoint of train.py (no model, model_args, config, iter_num)")
+    torch.save({"weights": torch.zeros(2)}, foreign / "ckpt.pt")
+    damaged = start_script("train.py", [f"--out_dir={out}", "--init_from=resume"], cwd=reverse_task, check=False)
+    not_ours = start_script("sample.py", [f"--out_dir={foreign}", "--puzzle=" + "." * 81], cwd=tmp_path, check=False)
+    one_line_error(damaged.result(), f"{out / 'ckpt.pt'}: not a readable checkpoint")
+    one_line_error(not_ours.result(), "not a checkpoint of train.py (no model, model_args, config, iter_num)")
 
 
 @pytest.fixture(scope="module")
@@ -3448,13 +3516,19 @@ def sudoku_checkpoint(tmp_path_factory):
     return root
 
 
-def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
+def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
+    # each group of sample.py's runs is started together, then checked in order
     puzzle = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
     puzzles = tmp_path / "puzzles.txt"
     puzzles.write_text("\n".join([puzzle, puzzle[:80], "44" + puzzle[2:], "x" + puzzle[1:]]) + "\n")
     out = str(sudoku_checkpoint / "out")
-    result = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={puzzles}", "--show_steps=True",
-                                      "--halt_max_steps=3"], cwd=tmp_path)
+    shown = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={puzzles}", "--show_steps=True",
+                                       "--halt_max_steps=3"], cwd=tmp_path)
+    # '0' for blanks: a puzzle that starts with a digit stays text
+    # (and --weight_average=False on a run that kept no average says it changes nothing)
+    zeros = start_script("sample.py", [f"--out_dir={out}", "--puzzle=" + puzzle.replace(".", "0"),
+                                       "--weight_average=False"], cwd=tmp_path)
+    result = shown.result()
     lines = result.stdout.splitlines()
     assert f"sample.py: {puzzles} line 2: expected 81 characters, got 80" in lines
     assert f"sample.py: {puzzles} line 3: question's clues conflict: digit 4 appears twice in row 1" in lines
@@ -3463,13 +3537,10 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     assert sum(l.startswith("after segment") for l in lines) == 3  # --halt_max_steps beyond training's 2
     assert any(l.startswith("solution after 3 segments") for l in lines)
     assert "1 puzzle(s) through the model" in result.stdout and "3 could not be read" in result.stdout
-
-    # '0' for blanks: a puzzle that starts with a digit stays text
-    # (and --weight_average=False on a run that kept no average says it changes nothing)
-    zeros = run_script("sample.py", [f"--out_dir={out}", "--puzzle=" + puzzle.replace(".", "0"),
-                                     "--weight_average=False"], cwd=tmp_path)
+    zeros = zeros.result()
     assert "1 puzzle(s) through the model" in zeros.stdout
     assert "weights: as trained (the run kept no average of them)" in zeros.stdout
+
     # a CSV (with a byte-order mark) is read by the builder's reader: answers that contradict their clues are
     # not scored, and the good rows are
     rows = read_rows(SAMPLE_TEST, 5)
@@ -3477,29 +3548,34 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     csv_path = write_csv(tmp_path / "bom.csv", [rows[0], bad] + rows[2:])
     data = open(csv_path, "rb").read()
     open(csv_path, "wb").write(b"\xef\xbb\xbf" + data)
-    scored = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True"], cwd=tmp_path)
+    scored = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True"], cwd=tmp_path)
+    # halting where the Q head says: at most the trained 2 segments per puzzle, the same puzzles scored
+    # (and FP8 inference of a model trained without it, which the speed line names)
+    adaptive = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True",
+                                          "--halt_adaptive=True", "--batch_size=3", "--fp8=True"], cwd=tmp_path)
+    adaptive_shown = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--halt_adaptive=True",
+                                                "--show_steps=True"], cwd=tmp_path, check=False)
+    # voting over 3 symmetries of each: 12 inputs through the model, scored alone and voted
+    voted = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True", "--votes=3"],
+                         cwd=tmp_path)
+    voted_shown = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--votes=2",
+                                             "--show_steps=True"], cwd=tmp_path, check=False)
+    scored = scored.result()
     assert f"skipped 1 x answer contradicts clues, e.g. {csv_path} line 3: {reason}" in scored.stdout
     assert "4 puzzle(s) through the model" in scored.stdout and "/4 = " in scored.stdout
     assert "4 input(s) in " in scored.stdout and "2.00 segments on average" in scored.stdout
-    # halting where the Q head says: at most the trained 2 segments per puzzle, the same puzzles scored
-    # (and FP8 inference of a model trained without it, which the speed line names)
-    adaptive = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True",
-                                        "--halt_adaptive=True", "--batch_size=3", "--fp8=True"], cwd=tmp_path)
+    adaptive = adaptive.result()
     mean = float(re.search(r"([0-9.]+) segments on average \(halting adaptively\), FP8", adaptive.stdout).group(1))
     assert 1 <= mean <= 2 and "4 puzzle(s) through the model" in adaptive.stdout
     assert "FP8" not in scored.stdout
-    one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--halt_adaptive=True",
-                                            "--show_steps=True"], cwd=tmp_path, check=False),
+    one_line_error(adaptive_shown.result(),
                    "show_steps shows every segment of every input: leave halt_adaptive off with it")
-    # voting over 3 symmetries of each: 12 inputs through the model, scored alone and voted
-    voted = run_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True", "--votes=3"],
-                       cwd=tmp_path).stdout
+    voted = voted.result().stdout
     assert "12 input(s) in " in voted and "4 puzzle(s) through the model, each under 3 symmetries" in voted
     assert re.search(r"the puzzles alone, without voting, exact: \d/4 = ", voted)
     assert re.search(r"exact accuracy against the given answers: \d/4 = ", voted)
-    one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--votes=2",
-                                            "--show_steps=True"], cwd=tmp_path, check=False),
-                   "votes=2: must be >= 1, and 1 with show_steps")
+    one_line_error(voted_shown.result(), "votes=2: must be >= 1, and 1 with show_steps")
+
     # unset, halt_adaptive is the run's (train.py's, which evaluated so), and halt_max_steps as many segments as
     # the run evaluated (its eval_halt_max_steps, 3); show_steps still shows every segment
     checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
@@ -3508,11 +3584,13 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     os.makedirs(tmp_path / "adaptive")
     torch.save(checkpoint, tmp_path / "adaptive" / "ckpt.pt")
     args = [f"--out_dir={tmp_path / 'adaptive'}", f"--puzzles={csv_path}", "--quiet=True"]
-    assert "(halting adaptively)" in run_script("sample.py", args, cwd=tmp_path).stdout
-    fixed = run_script("sample.py", args + ["--halt_adaptive=False"], cwd=tmp_path).stdout
+    unset = start_script("sample.py", args, cwd=tmp_path)
+    fixed = start_script("sample.py", args + ["--halt_adaptive=False"], cwd=tmp_path)
+    shown = start_script("sample.py", args[:1] + [f"--puzzle={puzzle}", "--show_steps=True"], cwd=tmp_path)
+    assert "(halting adaptively)" in unset.result().stdout
+    fixed = fixed.result().stdout
     assert "(halting adaptively)" not in fixed and "3.00 segments on average" in fixed
-    shown = run_script("sample.py", args[:1] + [f"--puzzle={puzzle}", "--show_steps=True"], cwd=tmp_path).stdout
-    assert sum(l.startswith("after segment") for l in shown.splitlines()) == 3
+    assert sum(l.startswith("after segment") for l in shown.result().stdout.splitlines()) == 3
     # a run that kept an average of its weights (here all zeros: every logit 0, every cell predicted PAD, which
     # reads as blank) runs with it, unless --weight_average=False
     checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
@@ -3521,19 +3599,24 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path):
     torch.save(checkpoint, tmp_path / "averaged" / "ckpt.pt")
     args = [f"--out_dir={tmp_path / 'averaged'}", f"--puzzle={puzzle}", "--halt_max_steps=1"]
     blank = ". . . | . . . | . . ."
-    averaged = run_script("sample.py", args, cwd=tmp_path).stdout
+    averaged = start_script("sample.py", args, cwd=tmp_path)
+    trained = start_script("sample.py", args + ["--weight_average=False"], cwd=tmp_path)
+    averaged = averaged.result().stdout
     assert "weights: the average the run kept" in averaged and averaged.count(blank) == 9
-    trained = run_script("sample.py", args + ["--weight_average=False"], cwd=tmp_path).stdout
+    trained = trained.result().stdout
     assert "weights: as trained" in trained and trained.count(blank) < 9
 
-    one_line_error(run_script("sample.py", [f"--out_dir={tmp_path / 'none'}", f"--puzzle={puzzle}"], cwd=tmp_path,
-                              check=False), "no such file (train a model with train.py, or set --out_dir)")
-    nothing = run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle[:80]}"], cwd=tmp_path, check=False)
+    no_run = start_script("sample.py", [f"--out_dir={tmp_path / 'none'}", f"--puzzle={puzzle}"], cwd=tmp_path,
+                          check=False)
+    nothing = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle[:80]}"], cwd=tmp_path, check=False)
+    batch_size = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--batch_size=-1"],
+                              cwd=tmp_path, check=False)
+    missing = start_script("sample.py", [f"--out_dir={out}", "--puzzles=missing.txt"], cwd=tmp_path, check=False)
+    one_line_error(no_run.result(), "no such file (train a model with train.py, or set --out_dir)")
+    nothing = nothing.result()
     assert nothing.returncode != 0 and "no puzzle could be read (1 had errors)" in nothing.stderr
-    one_line_error(run_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--batch_size=-1"], cwd=tmp_path,
-                              check=False), "batch_size must be >= 1")
-    one_line_error(run_script("sample.py", [f"--out_dir={out}", "--puzzles=missing.txt"], cwd=tmp_path, check=False),
-                   "missing.txt: no such file")
+    one_line_error(batch_size.result(), "batch_size must be >= 1")
+    one_line_error(missing.result(), "missing.txt: no such file")
 
 
 # -----------------------------------------------------------------------------
