@@ -61,7 +61,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo.comptime import comptime
 
 try:
     import triton
@@ -476,7 +475,12 @@ def _log_choice(msg):
     """Log each distinct backend choice once. Inside torch.compile the message is logged while the graph is
     traced (torch._dynamo's comptime): a logging call in the graph would break it, and one deferred until
     after the graph (reorderable_logging_functions) is dropped when it is made from an inlined function, as
-    every call from a model is."""
+    every call from a model is. (torch._dynamo is imported here, not with this module: it takes over a second,
+    and a run without torch.compile never needs it.)"""
+    if not torch.compiler.is_compiling():
+        _log_once(msg)
+        return
+    from torch._dynamo.comptime import comptime
     comptime(_log_traced_choice, lambda: _log_once(msg))
 
 

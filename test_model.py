@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -1432,6 +1433,31 @@ def test_sample_votes_over_symmetries(puzzles, monkeypatch):
     assert agree.tolist() == [2, 3, 3, 2] and segments.tolist() == [10] * 4
 
 
+def test_sudoku_final_evaluation_scores_the_voted_answers(puzzles, monkeypatch):
+    # train.py's eval_votes: prepare_sudoku.evaluate_votes scores the grid most copies vote for against the
+    # labels, over the first num_examples. A stand-in solver is right on a script of copies; a wrong copy leaves
+    # the clues unfilled, which map back to the puzzle's own clues, so the wrong copies agree with each other.
+    questions, answers = puzzles[0][:4], puzzles[1][:4]
+    script = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1], [0, 0, 0]], bool)  # 1: right
+    drawn, random_transforms = {}, ps.random_transforms
+
+    def spy(count, rng):
+        drawn["transforms"] = random_transforms(count, rng)
+        return drawn["transforms"]
+
+    def solve(tokens):
+        n = len(tokens) // 3  # the puzzles evaluated
+        right = ps.apply_transforms(np.repeat(answers[:n], 3, 0), *drawn["transforms"])
+        return ps.encode(np.where(script[:n].reshape(-1, 1), right, ps.decode(tokens))), np.full(len(tokens), 0.5)
+
+    monkeypatch.setattr(ps, "random_transforms", spy)
+    data = types.SimpleNamespace(inputs=ps.encode(questions), labels=ps.encode(answers))
+    # the winners: right by 2 of 3, wrong by 2, right by 2 (the puzzle itself wrong), wrong by 3
+    assert ps.evaluate_votes(data, solve, 3, 4) == dict(voted_exact_accuracy=0.5, vote_agreement=0.75)
+    assert ps.evaluate_votes(data, solve, 3, 3) == dict(voted_exact_accuracy=pytest.approx(2 / 3),
+                                                         vote_agreement=pytest.approx(6 / 9))
+
+
 NUM_AUG = 3
 
 
@@ -1740,7 +1766,6 @@ def test_sigterm_mid_build_leaves_nothing(tmp_path):
 # prepare_maze.py
 
 import collections  # noqa: E402
-import types  # noqa: E402
 
 import prepare_maze as pm  # noqa: E402
 
@@ -3469,6 +3494,7 @@ BAD_TRAIN_INPUT = [
     (["--dataset=absent"], "no dataset at data/absent/train (no dataset.json): build one with a prepare_*.py script"),
     (["--init_from=resume", "--out_dir=nowhere"], "train.py: nowhere/ckpt.pt: no such file"),
     (["--init_from=reference"], "reference_checkpoint='': must be a path with init_from='reference'"),
+    (["--eval_votes=4"], "eval_votes=4: voting over symmetries is for Sudoku, and data/reverse is an unnamed dataset"),
 ]
 
 
@@ -3515,6 +3541,47 @@ def sudoku_checkpoint(tmp_path_factory):
                             "--halt_max_steps=2"] + TINY_MODEL, cwd=root)
     return root
 
+
+@pytest.fixture(scope="module")
+def sudoku_copy_task(tmp_path_factory):
+    """Sudoku puzzles whose labels are the puzzles themselves: a tiny HRM learns to copy them in under 100 steps,
+    and then its copies of a puzzle's symmetries, mapped back, all give the puzzle."""
+    root = tmp_path_factory.mktemp("copy")
+    questions, _ = ps.to_digits([row["question"] for row in read_rows(SAMPLE_TRAIN, 400)])
+    splits = {}
+    for split, part in (("train", questions[:384]), ("test", questions[384:])):
+        arrays = dataset.puzzle_arrays(ps.encode(part), ps.encode(part), examples_per_puzzle=1, puzzles_per_group=1)
+        splits[split] = (arrays, dataset.metadata(arrays, "sudoku", vocab_size=ps.VOCAB_SIZE))
+    dataset.write_dataset(str(root / "data" / "copy"), splits, ["<blank>"])
+    return root
+
+
+def test_the_final_evaluation_votes_over_symmetries(sudoku_copy_task, tmp_path, start_script):
+    # eval_votes: a budget reserves the vote's time; the final evaluation alone votes, over 3 copies of each of the
+    # 16 test puzzles, each copy's answer mapped back to its puzzle (a wrong mapping scores 0). On two processes,
+    # each solving half the copies, the evaluation votes as on one.
+    out = tmp_path / "out"
+    result = run_script("train.py", ["--dataset=copy", f"--out_dir={out}", "--global_batch_size=8",
+                                     "--puzzle_emb_ndim=0", "--halt_max_steps=2", "--halt_exploration_prob=0.0",
+                                     "--learning_rate=1e-3", "--warmup_steps=5", "--epochs=1000", "--max_steps=100",
+                                     "--max_minutes=5", "--eval_interval=100000", "--eval_votes=3"] + TINY_MODEL,
+                        cwd=sudoku_copy_task)
+    assert re.search(r"s per evaluation \(the final one, voting, up to \d+ s\) the run ends at step", result.stdout)
+    fit, final = read_eval_log(out)
+    assert fit["step"] == 25 and "voted_exact_accuracy" not in fit and final["step"] == 100
+    assert final["exact_accuracy"] == final["voted_exact_accuracy"] == final["vote_agreement"] == 1.0, final
+    runs = {}
+    for nproc in (0, 2):
+        copy = shutil.copytree(out, tmp_path / f"eval{nproc}")
+        runs[nproc] = (copy, start_script("train.py", [f"--out_dir={copy}", "--init_from=resume", "--eval_only=True",
+                                                       "--backend=gloo"], cwd=sudoku_copy_task, nproc=nproc))
+    for copy, run in runs.values():
+        run.result()
+        assert read_eval_log(copy)[:2] == [fit, final]
+    one, two = read_eval_log(runs[0][0])[-1], read_eval_log(runs[2][0])[-1]
+    assert one.keys() == two.keys() == final.keys()
+    for key in one.keys() - {"minutes"}:
+        assert one[key] == final[key] and two[key] == pytest.approx(one[key], abs=1e-5), key
 
 def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     # each group of sample.py's runs is started together, then checked in order
