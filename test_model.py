@@ -551,6 +551,7 @@ def test_fp8_linear_is_a_linear_to_a_few_percent():
 
 
 def test_fp8_covers_the_no_grad_passes_only():
+    torch.manual_seed(0)  # the FP8 error is checked against a bound: the same draw whichever tests ran before
     config = tiny_config(act_continue=False, hidden_size=64, num_heads=4)
     exact, fp8 = HRM(config).train(), HRM(dataclasses.replace(config, fp8=True)).train()
     fp8.load_state_dict(exact.state_dict())
