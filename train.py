@@ -409,12 +409,12 @@ def solve_everywhere(tokens):
     """Sequences of tokens (M, seq_len) through model.solve, each process solving its share: the predicted
     tokens (M, seq_len) and final Q-halt probabilities (M,) of all of them, gathered, as numpy arrays."""
     share = -(-len(tokens) // world_size)
-    mine = np.zeros((share, tokens.shape[1]), np.int32)  # a short last share is padded with PAD sequences
+    mine = np.full((share, tokens.shape[1]), meta['pad_id'], np.int32)  # a short last share: PAD sequences
     part = tokens[rank * share:(rank + 1) * share]
     mine[:len(part)] = part
     inputs = torch.from_numpy(mine).to(device)
-    predictions, q_halt, _ = raw_model.solve(model.module if ddp else model, inputs,
-                                             torch.zeros_like(inputs[:, 0]), batch_size)
+    blank_ids = torch.full_like(inputs[:, 0], meta['blank_identifier_id'])  # Sudoku's one puzzle identifier
+    predictions, q_halt, _ = raw_model.solve(model.module if ddp else model, inputs, blank_ids, batch_size)
     return gather(predictions)[:len(tokens)].cpu().numpy(), gather(q_halt)[:len(tokens)].cpu().numpy()
 
 
