@@ -31,7 +31,7 @@ What it changes from config/sudoku.py (the paper's recipe), and why:
   Together (not measured apart): 15.5% against 12.1% at 32 adaptive segments, 12.2% against 9.4% at 16,
   although a step takes 38.8 ms instead of 28.0 and the run makes 27,285 steps instead of 36,787. The
   mixer now starts at zero (model.py), which on a CPU at a small scale took away a plateau at uniform
-  digits that cost that run its first 2,500 steps; in the next run (seed 1) token accuracy was 63% at step
+  digits that cost that run its first 2,500 steps; with it (seed 1) token accuracy was 63% at step
   700, and the run ended at 25.2% (15.5% for seed 0 before the zero start).
 - eval_votes=8: the final evaluation solves each test puzzle as itself and under 7 random symmetries, maps the
   answers back and scores the one most copies give (voted_exact_accuracy beside the puzzle-alone
