@@ -469,14 +469,18 @@ class HRM(nn.Module):
         return self.act_loss(replace(carry, steps=outputs["steps"], halted=answered), outputs)[1], outputs
 
     @torch.no_grad()
-    def solve(self, forward, inputs, puzzle_identifiers, batch_size):
+    def solve(self, forward, inputs, puzzle_identifiers, batch_size, labels=None):
         """Every input through ACT segments, batch_size at a time, all on the device: a slot whose input halted
         takes the next one, as in training, so with config.halt_adaptive the batch works only on unfinished
         inputs. forward: this model (in eval mode) or its compiled version; inputs (N, seq_len) and
-        puzzle_identifiers (N,) on the model's device. Returns the predicted tokens (N, seq_len) uint8, the
-        Q head's final halting probability (N,) and the segments each input ran (N,)."""
+        puzzle_identifiers (N,) on the model's device. labels (N, seq_len), optional, change no result: a
+        compiled forward that has run labelled evaluation batches runs the same graph here, where a batch
+        without labels would compile another. Returns the predicted tokens (N, seq_len) uint8, the Q head's
+        final halting probability (N,) and the segments each input ran (N,)."""
         N, B = inputs.shape[0], min(batch_size, inputs.shape[0])
-        data = dict(inputs=inputs, puzzle_identifiers=puzzle_identifiers)
+        # the keys in the order of dataset.py's batches: a compiled forward's graph is keyed on it too
+        data = dict(inputs=inputs, **({} if labels is None else dict(labels=labels)),
+                    puzzle_identifiers=puzzle_identifiers)
         # row N of the results takes what the slots without an input (at the end) produce
         predictions = torch.zeros(N + 1, inputs.shape[1], dtype=torch.uint8, device=inputs.device)
         q_halt = torch.zeros(N + 1, device=inputs.device)

@@ -436,6 +436,30 @@ def test_solve_streams_inputs_through_the_batch():
     assert_close(metrics["accuracy"].double(), token_accuracy, "accuracy")
 
 
+def test_solve_with_labels_runs_the_compiled_evaluation_graph():
+    # train.py's final vote streams copies through solve on the model compiled for training and evaluation:
+    # given (unscored) labels, solve runs the graph evaluation compiled, with the same results; without them
+    # the forward is compiled again
+    config = tiny_config(halt_max_steps=3, halt_adaptive=True)
+    model = HRM(config).eval()
+    compiled = torch.compile(model, backend="eager")
+    data = random_batch(config, batch_size=11, seed=3)
+    inputs, ids = data["inputs"], data["puzzle_identifiers"]
+    with torch.no_grad():
+        model.run_to_halt(compiled, random_batch(config, batch_size=4, seed=4))
+    plain = model.solve(model, inputs, ids, batch_size=4)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            labelled = model.solve(compiled, inputs, ids, batch_size=4,
+                                   labels=torch.full_like(inputs, IGNORE_LABEL_ID))
+            with pytest.raises(torch._dynamo.exc.RecompileError):
+                model.solve(compiled, inputs, ids, batch_size=4)
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(plain, labelled):
+        assert torch.equal(a, b)
+
+
 def test_raising_halt_max_steps_at_inference():
     config = tiny_config(halt_max_steps=2)
     model = HRM(config).eval()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import (DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, check_ranges,
+from dataset import (IGNORE_LABEL_ID, DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, check_ranges,
                      eval_batches, exit_cleanly, remove_stale_temp_files, write_atomically,
                      write_text_atomically)
 from model import (Carry, WeightEMA, build_model, check_device, check_fp8, load_checkpoint,
@@ -414,14 +414,16 @@ def solve_everywhere(tokens):
     mine[:len(part)] = part
     inputs = torch.from_numpy(mine).to(device)
     blank_ids = torch.full_like(inputs[:, 0], meta['blank_identifier_id'])  # Sudoku's one puzzle identifier
-    predictions, q_halt, _ = raw_model.solve(model.module if ddp else model, inputs, blank_ids, batch_size)
+    # unscored labels: the evaluation's compiled graph, which has labels, runs the copies too
+    predictions, q_halt, _ = raw_model.solve(model.module if ddp else model, inputs, blank_ids, batch_size,
+                                             labels=torch.full_like(inputs, IGNORE_LABEL_ID))
     return gather(predictions)[:len(tokens)].cpu().numpy(), gather(q_halt)[:len(tokens)].cpu().numpy()
 
 
 def evaluate_votes(warm_up=False):
     """eval_votes: the task's score of answers voted over symmetric copies of the test examples
     (prepare_<task>.py's evaluate_votes), the copies streaming through model.solve. With warm_up, one batch
-    only: it compiles what model.solve runs (inputs without labels) before a budget is timed."""
+    only, before a budget is timed: anything model.solve would compile beyond evaluate's graph compiles then."""
     data = eval_sets['test']
     if warm_up:
         solve_everywhere(data.inputs[:global_batch_size])
