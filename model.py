@@ -159,9 +159,18 @@ class Block(nn.Module):
         if self.mixer == "attention":
             mixed = self.self_attn(x, cos_sin)
         else:
-            mixed = self.token_mlp(x.transpose(1, 2)).transpose(1, 2)
+            mixed = self.mix_positions(x)
         x = add_rms_norm(x, mixed, self.eps)
         return add_rms_norm(x, self.mlp(x), self.eps)
+
+    def mix_positions(self, x):
+        """The SwiGLU across positions on x (B, T, C), with T zero-padded to a multiple of 8 inside, its weights
+        too, so the result is the same: 82 positions in bfloat16 are 164 bytes, not the multiple of 16 that
+        cuBLAS's Hopper kernels need. (The padded copy replaces the one the transpose made.)"""
+        T, pad = x.shape[1], -x.shape[1] % 8  # (never FP8: its sizes are no multiples of 16)
+        gate_up, down = self.token_mlp.gate_up_proj.weight.to(x.dtype), self.token_mlp.down_proj.weight.to(x.dtype)
+        gate, up = F.linear(F.pad(x.transpose(1, 2), (0, pad)), F.pad(gate_up, (0, pad))).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, F.pad(down, (0, 0, 0, pad)))[..., :T].transpose(1, 2)
 
 
 class ReasoningModule(nn.Module):

@@ -558,6 +558,22 @@ def test_the_mlp_mixer_mixes_positions_without_attention():
         ForecastConfig(mixer="mlp")
 
 
+def test_the_mlp_mixer_pads_its_positions_without_changing_what_it_computes():
+    # the SwiGLU across 82 positions runs padded to 88 (aligned for cuBLAS), its weights zero-padded to match:
+    # the same output and gradients as the SwiGLU itself on the positions as they are
+    block = HRM(tiny_config(mixer="mlp", pos_encodings="none")).H_level.layers[0]
+    mlp = type(block.token_mlp)(82, 4.0)
+    torch.nn.init.normal_(mlp.down_proj.weight)
+    block.token_mlp = mlp
+    x = torch.randn(3, 82, block.mlp.down_proj.out_features, requires_grad=True)
+    weights = [x, mlp.gate_up_proj.weight, mlp.down_proj.weight]
+    plain = mlp(x.transpose(1, 2)).transpose(1, 2)
+    padded = block.mix_positions(x)
+    assert padded.shape == plain.shape and torch.allclose(padded, plain, atol=1e-6)
+    for a, b in zip(*(torch.autograd.grad(y.square().sum(), weights) for y in (plain, padded))):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_fp8_linear_is_a_linear_to_a_few_percent():
     g = torch.Generator().manual_seed(0)
     x, weight = torch.randn(3, 50, 128, generator=g), torch.randn(96, 128, generator=g) / 10
