@@ -76,7 +76,7 @@ if device == 'cpu':
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
-from model import HRM, HRMConfig, RotaryEmbedding, check_fp8  # noqa: E402
+from model import HRM, Carry, HRMConfig, RotaryEmbedding, check_fp8  # noqa: E402
 
 logging.basicConfig(format="%(name)s: %(message)s")
 logging.getLogger("hrm.attn").setLevel(logging.INFO)  # each backend's choices, as they are traced
@@ -139,7 +139,10 @@ def make_train_step(name, shape):
     state = dict(carry=model.initial_carry(batch))
 
     def train_step():
-        if compile_mode in ('reduce-overhead', 'max-autotune'):  # a new step: graphs may reuse the last one's memory
+        if compile_mode in ('reduce-overhead', 'max-autotune'):
+            # CUDA graphs: a new step may reuse the memory of the last one's outputs, the carry among them, which
+            # is this step's input: copied out first
+            state["carry"] = Carry.from_state_dict({k: v.clone() for k, v in state["carry"].state_dict().items()})
             torch.compiler.cudagraph_mark_step_begin()
         state["carry"], loss, _, _ = compiled(state["carry"], batch)
         (loss / B).backward()
@@ -171,7 +174,7 @@ def time_train_steps(shape):
         peak = ""
         if device == 'cuda':  # the peak of one step above what the variants before it hold: its own process's peak
             torch.cuda.reset_peak_memory_stats()
-            steps[name]()
+            loss = steps[name]()  # the last step's: with CUDA graphs an earlier step's loss is overwritten
             sync()
             peak = f", peak memory {(torch.cuda.max_memory_allocated() - held_before) / 2**30:.2f} GiB"
         print(f"{name}: warm-up incl. compile {time.perf_counter() - t0:.0f} s, loss {loss.item():.4f}{peak}")

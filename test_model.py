@@ -3511,6 +3511,17 @@ def test_bench_dry_run_times_and_profiles_the_fast_recipes_step(tmp_path):
     assert not any("ttention" in name for name in names), names
 
 
+@needs_triton
+def test_bench_dry_run_of_the_cuda_graph_mode_copies_the_carry_between_steps(tmp_path):
+    # with CUDA graphs a step's outputs are overwritten by the next step, so bench.py copies the carry out
+    # before each one; on the CPU the graphs themselves are absent but that path runs (a warm-up step, then a
+    # timed one on the copied carry)
+    out = run_script("bench.py", ["--device=cpu", "--dtype=float16", "--check=False", "--ops=False",
+                                  "--step_backends=pytorch", "--compile_mode=reduce-overhead"], cwd=tmp_path).stdout
+    loss = float(re.search(r"pytorch: warm-up incl. compile \d+ s, loss ([\d.]+)", out).group(1))
+    assert 0 < loss < 10 and re.search(r"sudoku step, pytorch *: median +[\d.]+ ms", out)
+
+
 def test_every_recipe_in_config_is_accepted(tmp_path):
     # train.py takes every file of config/ (only keys it knows, values of their defaults' types) and gets as far
     # as the data, which is not there: the last file's dataset
