@@ -133,22 +133,23 @@ def make_train_step(name, shape):
     optimizers = [o for o in model.configure_optimizers(1e-4, 1.0, (0.9, 0.95), 1e-4, 1.0) if o is not None]
     # dynamo cannot trace kernels under the interpreter
     compiled = model if tiny else torch.compile(model, mode=None if compile_mode == 'default' else compile_mode)
+    cuda_graphs = compile_mode in ('reduce-overhead', 'max-autotune')
     batch = dict(inputs=torch.randint(1, vocab, (B, T - 1), device=device, dtype=torch.int32),
                  labels=torch.randint(1, vocab, (B, T - 1), device=device, dtype=torch.int32),
                  puzzle_identifiers=torch.randint(0, 1000, (B,), device=device, dtype=torch.int32))
     state = dict(carry=model.initial_carry(batch))
 
     def train_step():
-        if compile_mode in ('reduce-overhead', 'max-autotune'):
-            # CUDA graphs: a new step may reuse the memory of the last one's outputs, the carry among them, which
-            # is this step's input: copied out first
-            state["carry"] = Carry.from_state_dict({k: v.clone() for k, v in state["carry"].state_dict().items()})
+        if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         state["carry"], loss, _, _ = compiled(state["carry"], batch)
         (loss / B).backward()
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if cuda_graphs:  # the graphs' next run, this variant's or another's, overwrites what they output: copies
+            state["carry"] = Carry.from_state_dict({k: v.clone() for k, v in state["carry"].state_dict().items()})
+            loss = loss.detach().clone()
         return loss
 
     return train_step
@@ -174,7 +175,7 @@ def time_train_steps(shape):
         peak = ""
         if device == 'cuda':  # the peak of one step above what the variants before it hold: its own process's peak
             torch.cuda.reset_peak_memory_stats()
-            loss = steps[name]()  # the last step's: with CUDA graphs an earlier step's loss is overwritten
+            loss = steps[name]()
             sync()
             peak = f", peak memory {(torch.cuda.max_memory_allocated() - held_before) / 2**30:.2f} GiB"
         print(f"{name}: warm-up incl. compile {time.perf_counter() - t0:.0f} s, loss {loss.item():.4f}{peak}")

@@ -167,7 +167,9 @@ class Block(nn.Module):
         """The SwiGLU across positions on x (B, T, C), with T zero-padded to a multiple of 8 inside, its weights
         too, so the result is the same: 82 positions in bfloat16 are 164 bytes, not the multiple of 16 that
         cuBLAS's Hopper kernels need. (The padded copy replaces the one the transpose made.)"""
-        T, pad = x.shape[1], -x.shape[1] % 8  # (never FP8: its sizes are no multiples of 16)
+        T, pad = x.shape[1], -x.shape[1] % 8
+        if pad == 0:  # as it is (FP8, which needs sizes that are multiples of 16, goes this way too)
+            return self.token_mlp(x.transpose(1, 2)).transpose(1, 2)
         gate_up, down = self.token_mlp.gate_up_proj.weight.to(x.dtype), self.token_mlp.down_proj.weight.to(x.dtype)
         gate, up = F.linear(F.pad(x.transpose(1, 2), (0, pad)), F.pad(gate_up, (0, pad))).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, F.pad(down, (0, 0, 0, pad)))[..., :T].transpose(1, 2)

@@ -251,7 +251,7 @@ def vote(solve, questions, votes):
     tokens (N * votes, 81), Q-halt probabilities (N * votes,)). Returns the voted grids (N, 81), the puzzles'
     own answers (copy 0, the puzzle itself) and the winners' votes (N,)."""
     n = len(questions)
-    # a fixed draw: the same puzzles are voted over the same copies in every run and by every script
+    # a fixed draw: the same list of puzzles is voted over the same copies in every run and by every script
     cell_source, digit_map = random_transforms(n * votes, np.random.default_rng(0))
     cell_source[::votes], digit_map[::votes] = np.arange(SEQ_LEN), np.arange(10)
     tokens, q_halt = solve(encode(apply_transforms(np.repeat(questions, votes, axis=0), cell_source, digit_map)))

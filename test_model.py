@@ -572,6 +572,15 @@ def test_the_mlp_mixer_pads_its_positions_without_changing_what_it_computes():
     assert padded.shape == plain.shape and torch.allclose(padded, plain, atol=1e-6)
     for a, b in zip(*(torch.autograd.grad(y.square().sum(), weights) for y in (plain, padded))):
         assert torch.allclose(a, b, atol=1e-5)
+    # positions already a multiple of 8 run the SwiGLU as it is, FP8 included (not the padded bfloat16 path)
+    block.token_mlp = mlp = type(block.token_mlp)(96, 4.0)
+    mlp.gate_up_proj.fp8 = mlp.down_proj.fp8 = True
+    x = torch.randn(3, 96, block.mlp.down_proj.out_features)
+    with torch.no_grad():
+        fp8 = block.mix_positions(x)
+        assert torch.equal(fp8, mlp(x.transpose(1, 2)).transpose(1, 2))
+        mlp.gate_up_proj.fp8 = mlp.down_proj.fp8 = False
+        assert not torch.allclose(fp8, block.mix_positions(x), atol=1e-4)  # FP8 was used: it rounds
 
 
 def test_fp8_linear_is_a_linear_to_a_few_percent():
@@ -3513,9 +3522,9 @@ def test_bench_dry_run_times_and_profiles_the_fast_recipes_step(tmp_path):
 
 @needs_triton
 def test_bench_dry_run_of_the_cuda_graph_mode_copies_the_carry_between_steps(tmp_path):
-    # with CUDA graphs a step's outputs are overwritten by the next step, so bench.py copies the carry out
-    # before each one; on the CPU the graphs themselves are absent but that path runs (a warm-up step, then a
-    # timed one on the copied carry)
+    # with CUDA graphs a step's outputs are overwritten by the next run, so bench.py copies the carry and the
+    # loss out after each step; on the CPU the graphs themselves are absent but that path runs (a warm-up
+    # step, then a timed one on the copied carry)
     out = run_script("bench.py", ["--device=cpu", "--dtype=float16", "--check=False", "--ops=False",
                                   "--step_backends=pytorch", "--compile_mode=reduce-overhead"], cwd=tmp_path).stdout
     loss = float(re.search(r"pytorch: warm-up incl. compile \d+ s, loss ([\d.]+)", out).group(1))
@@ -3623,6 +3632,11 @@ def test_the_final_evaluation_votes_over_symmetries(sudoku_copy_task, tmp_path, 
     fit, final = read_eval_log(out)
     assert fit["step"] == 25 and "voted_exact_accuracy" not in fit and final["step"] == 100
     assert final["exact_accuracy"] == final["voted_exact_accuracy"] == final["vote_agreement"] == 1.0, final
+    # resumed with time left for an evaluation but not for the vote (four evaluations' worth): nothing to train
+    budget = load_checkpoint(out)["budget"]
+    between = budget["minutes"] + 2 * budget["eval_seconds"] / 60
+    one_line_error(run_script("train.py", [f"--out_dir={out}", "--init_from=resume", f"--max_minutes={between}"],
+                              cwd=sudoku_copy_task, check=False), "nothing to train; raise max_minutes")
     runs = {}
     for nproc in (0, 2):
         copy = shutil.copytree(out, tmp_path / f"eval{nproc}")

@@ -149,6 +149,9 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
 check_ranges(globals(), _rules)
 check_device(device)
+# what a budget reserves for the final evaluation, in evaluations: one, and with eval_votes as many again for each
+# copy of the test set (an upper bound: model.solve streams, so copies that halt early take less)
+FINAL_EVALUATIONS = 1 + eval_votes if eval_votes > 1 else 1
 if fp8:
     check_fp8(device, dtype)
 
@@ -231,7 +234,7 @@ if checkpoint is not None:
     iter_num = checkpoint['iter_num']
     if max_minutes > 0 and checkpoint.get('budget') and not eval_only:  # its schedule and its clock go on
         budget = checkpoint['budget']
-        if 60 * (max_minutes - budget['minutes']) <= budget['eval_seconds']:
+        if 60 * (max_minutes - budget['minutes']) <= budget['eval_seconds'] * FINAL_EVALUATIONS:
             raise DataError(f"{ckpt_path}: the run has used {budget['minutes']:.1f} of its max_minutes={max_minutes}: "
                             f"nothing to train; raise max_minutes, or evaluate with --eval_only=True")
         total_steps, eval_seconds = budget['total_steps'], budget['eval_seconds']
@@ -408,8 +411,10 @@ def num_eval_examples(data):
 def solve_everywhere(tokens):
     """Sequences of tokens (M, seq_len) through model.solve, each process solving its share: the predicted
     tokens (M, seq_len) and final Q-halt probabilities (M,) of all of them, gathered, as numpy arrays."""
-    share = -(-len(tokens) // world_size)
-    mine = np.full((share, tokens.shape[1]), meta['pad_id'], np.int32)  # a short last share: PAD sequences
+    # a short last share is filled with PAD sequences, and a share is at least a batch: a smaller one would run
+    # a batch shape that evaluation did not compile (tens of seconds on a GPU, outside the budget's reserve)
+    share = max(-(-len(tokens) // world_size), batch_size)
+    mine = np.full((share, tokens.shape[1]), meta['pad_id'], np.int32)
     part = tokens[rank * share:(rank + 1) * share]
     mine[:len(part)] = part
     inputs = torch.from_numpy(mine).to(device)
@@ -458,9 +463,8 @@ def log_eval(step, final=False):
 
 
 def final_eval_seconds():
-    """The final evaluation's expected seconds: an evaluation, and with eval_votes as many again for each copy
-    of the test set (an upper bound: model.solve streams, so copies that halt early take less)."""
-    return eval_seconds * (1 + eval_votes if eval_votes > 1 else 1)
+    """The final evaluation's expected seconds: FINAL_EVALUATIONS evaluations' worth."""
+    return eval_seconds * FINAL_EVALUATIONS
 
 
 def fit_schedule(step_seconds):
