@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import (IGNORE_LABEL_ID, DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows, check_ranges,
-                     eval_batches, exit_cleanly, remove_stale_temp_files, write_atomically,
+from dataset import (IGNORE_LABEL_ID, DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows,
+                     check_ranges, eval_batches, exit_cleanly, remove_stale_temp_files, write_atomically,
                      write_text_atomically)
 from model import (Carry, WeightEMA, build_model, check_device, check_fp8, load_checkpoint,
                    load_reference_checkpoint)
