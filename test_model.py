@@ -3161,11 +3161,18 @@ TINY_MODEL = ["--hidden_size=32", "--num_heads=2", "--H_layers=1", "--L_layers=1
               "--compile=False", "--device=cpu", "--dtype=float32"]
 
 
-def run_script(script, args, cwd, nproc=0, check=True):
+def run_script(script, args, cwd, nproc=0, check=True, node=None):
+    """script's run in a subprocess: alone, under torchrun with nproc processes on this node, or, with node
+    (rank, nodes, port), as one of several nodes (nproc each) meeting at 127.0.0.1:port as the README's
+    multi-node command does"""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, os.path.join(HERE, script)] + args
     if nproc:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        launch = ["--standalone"]
+        if node:
+            launch = [f"--node_rank={node[0]}", f"--nnodes={node[1]}", "--master_addr=127.0.0.1",
+                      f"--master_port={node[2]}"]
+        command = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
                    os.path.join(HERE, script)] + args
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
@@ -3426,13 +3433,29 @@ def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path, start_script
     assert longer["steps"] == 7 and longer["exact_accuracy"] > 0.95, longer  # past training a sequence may drift
 
 
-@pytest.mark.parametrize("recipe", [[], ["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2", "--act_continue=False",
-                                     "--ema_decay=0.9"]], ids=["paper", "sudoku_fast"])
-def test_torchrun_two_processes_equal_one(reverse_task, tmp_path, recipe, start_script):
+def unused_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# the paper's recipe as two processes of one node; the fast recipe as two nodes of one process each
+@pytest.mark.parametrize("recipe,nodes", [([], 1), (["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2",
+                                                     "--act_continue=False", "--ema_decay=0.9"], 2)],
+                         ids=["paper", "sudoku_fast-two-nodes"])
+def test_torchrun_two_processes_equal_one(reverse_task, tmp_path, recipe, nodes):
     args = RESUME_ARGS + ["--halt_exploration_prob=0.0", "--max_steps=20", "--backend=gloo"] + recipe
-    result = start_script("train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task, nproc=2)
-    run_script("train.py", args + [f"--out_dir={tmp_path / 'single'}"], cwd=reverse_task)
-    assert "on 2 process(es)" in result.result().stdout
+    port = unused_port()
+    # every node's torchrun runs at once (each waits for the others), beside the single-process run
+    with concurrent.futures.ThreadPoolExecutor(nodes) as pool:
+        launched = [pool.submit(run_script, "train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task,
+                                nproc=2 // nodes, node=(rank, nodes, port) if nodes > 1 else None)
+                    for rank in range(nodes)]
+        run_script("train.py", args + [f"--out_dir={tmp_path / 'single'}"], cwd=reverse_task)
+        assert "on 2 process(es)" in launched[0].result().stdout
+        for node in launched[1:]:
+            node.result()
     # (every checkpoint also checks that the processes hold identical weights, or the run fails)
     ddp, single = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "single")
     assert ddp["world_size"] == 2 and ddp["carry"]["z_H"].shape[0] == 8
