@@ -4,6 +4,7 @@ Build a Sudoku dataset for train.py, in the layout of the original HRM code (see
 $ python prepare_sudoku.py                                   # Sudoku-Extreme-1k recipe from the shipped sample
 $ python prepare_sudoku.py --source=hf                       # the same from the real Sudoku-Extreme (large download)
 $ python prepare_sudoku.py --train_csv=my_train.csv --test_csv=my_test.csv --subsample_size=0 --num_aug=8
+$ python prepare_sudoku.py --source=hf --subsample_size=43100 --test_subsample_size=5000 --num_aug=24  # a 20-min run's
 
 The default is the HRM paper's Sudoku-Extreme-1k recipe: 1,000 training puzzles, each stored as itself plus
 1,000 random symmetry transformations (a group of 1,001 puzzles, so a loader draws one per group per
@@ -37,6 +38,7 @@ test_csv = 'assets/sudoku/test.csv'    # test puzzles, never augmented
 out_dir = 'data'            # the dataset goes to out_dir/name
 name = ''                   # '' = from the options: sudoku-extreme-1k-aug-1000 for the defaults
 subsample_size = 1000       # random subset of the training puzzles; 0 = all of them
+test_subsample_size = 0     # random subset of the test puzzles (Sudoku-Extreme's test set is 423k); 0 = all
 min_difficulty = 0          # keep only puzzles (train and test) whose rating is at least this; 0 = all
 num_aug = 1000              # random augmentations per training puzzle, stored besides the original
 seed = 0                    # seeds the subset and the augmentations
@@ -300,10 +302,11 @@ def default_name(subsample_size, num_aug, min_difficulty):
 
 
 def build_dataset(train_path, test_path, out_path, subsample_size=0, min_difficulty=0, num_aug=0, seed=0,
-                  skip_bad=False, show_progress=False, log=print):
-    """Read and check both CSVs, subsample and augment the training puzzles, write the dataset atomically
+                  skip_bad=False, show_progress=False, log=print, test_subsample_size=0):
+    """Read and check both CSVs, subsample both and augment the training puzzles, write the dataset atomically
     (dataset.write_dataset). Returns the bytes written. Raises DataError for bad input."""
-    counts = dict(num_aug=num_aug, subsample_size=subsample_size, min_difficulty=min_difficulty, seed=seed)
+    counts = dict(num_aug=num_aug, subsample_size=subsample_size, test_subsample_size=test_subsample_size,
+                  min_difficulty=min_difficulty, seed=seed)
     check_ranges(counts, [(key, value >= 0, ">= 0") for key, value in counts.items()])
     rng, splits = np.random.default_rng(seed), {}
     for split, path in (("train", train_path), ("test", test_path)):
@@ -312,16 +315,14 @@ def build_dataset(train_path, test_path, out_path, subsample_size=0, min_difficu
         log(f"{path}: {len(questions):,} puzzles" + (f" rated >= {min_difficulty}" if min_difficulty else ""))
         for line in bad.report():
             log("  " + line)
-        copies = 0
-        if split == "train":
-            if 0 < subsample_size < len(questions):
-                chosen = np.sort(rng.choice(len(questions), size=subsample_size, replace=False))
-                questions, answers = questions[chosen], answers[chosen]
-            copies = num_aug
+        size, copies = (subsample_size, num_aug) if split == "train" else (test_subsample_size, 0)
+        if 0 < size < len(questions):  # the test's draw follows the training set's, which it leaves as it was
+            chosen = np.sort(rng.choice(len(questions), size=size, replace=False))
+            questions, answers = questions[chosen], answers[chosen]
         inputs, labels = augment(questions, answers, copies, rng, show_progress)
         arrays = puzzle_arrays(encode(inputs), encode(labels), examples_per_puzzle=1, puzzles_per_group=1 + copies)
         build = dict(script="prepare_sudoku.py", csv=os.path.abspath(path), seed=seed, num_aug=copies,
-                     subsample_size=subsample_size, min_difficulty=min_difficulty, rows_skipped=bad.counts)
+                     subsample_size=size, min_difficulty=min_difficulty, rows_skipped=bad.counts)
         splits[split] = (arrays, metadata(arrays, "sudoku", VOCAB_SIZE, build=build))
         log(f"{split}: {len(questions):,} puzzles -> {len(inputs):,} examples in {len(questions):,} groups")
     return write_dataset(out_path, splits, identifiers=["<blank>"])
@@ -335,7 +336,8 @@ def main():
     if source == "hf":
         paths = download_once(hf_url, download_dir, ("train.csv", "test.csv"), show_progress=progress)
     out_path = dataset_path(out_dir, name or default_name(subsample_size, num_aug, min_difficulty))
-    size = build_dataset(*paths, out_path, subsample_size, min_difficulty, num_aug, seed, skip_bad, progress)
+    size = build_dataset(*paths, out_path, subsample_size, min_difficulty, num_aug, seed, skip_bad, progress,
+                         test_subsample_size=test_subsample_size)
     print(f"wrote {out_path} ({human_bytes(size)}) in {time.time() - started:.1f} s")
 
 

@@ -1577,6 +1577,14 @@ def test_subsample_min_difficulty_and_seed(tmp_path):
     csv_questions = {row["question"].replace(".", "0") for row in rows}
     for i in a["group_indices"][:-1]:  # the originals are rows of the CSV
         assert "".join(map(str, ps.decode(a["inputs"][i]))) in csv_questions
+    # a test subset: drawn after the training set, which stays as it was; distinct rows of the test CSV, in order
+    build(str(tmp_path / "e"), subsample_size=7, num_aug=2, seed=5, test_subsample_size=10)
+    assert np.array_equal(load_split(tmp_path / "e" / "train")[1]["inputs"], a["inputs"])
+    meta, e_test = load_split(tmp_path / "e" / "test")
+    test_questions = ["".join(map(str, ps.parse_puzzle(row["question"]))) for row in read_rows(SAMPLE_TEST, 30)]
+    rows_taken = [test_questions.index("".join(map(str, ps.decode(q)))) for q in e_test["inputs"]]
+    assert len(rows_taken) == 10 and rows_taken == sorted(set(rows_taken)) and meta["build"]["subsample_size"] == 10
+    assert load_split(tmp_path / "a" / "test")[0]["total_groups"] == 30
 
     ratings = sorted(int(r["rating"]) for r in rows)
     cut = ratings[len(ratings) // 2]
@@ -1681,7 +1689,7 @@ def test_bad_row_on_the_command_line_is_one_clean_line(tmp_path):
     assert meta["total_groups"] == 2 and meta["build"]["rows_skipped"] == {"answer contradicts clues": 1}
     result = run_prepare("--train_csv=missing.csv", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr == "prepare_sudoku.py: missing.csv: no such file\n"
-    for bad_value in ("--seed=-1", "--num_aug=-2", "--subsample_size=-5"):
+    for bad_value in ("--seed=-1", "--num_aug=-2", "--subsample_size=-5", "--test_subsample_size=-1"):
         result = run_prepare("--train_csv=train.csv", "--test_csv=test.csv", bad_value, cwd=tmp_path)
         assert result.returncode == 1 and result.stderr == f"prepare_sudoku.py: {bad_value[2:]}: must be >= 0\n"
 

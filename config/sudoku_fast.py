@@ -8,7 +8,9 @@ $ python train.py config/sudoku_fast.py
 
 hard_train.csv: tens of thousands of distinct hard puzzles with their answers, in Sudoku-Extreme's CSV
 format; measured with 43,100 (tdoku's forum_hardest_1905_11+ and magictour_top1465 lists, solved). Keep the
-test file small (thousands): every evaluation runs all of it.
+test file small (thousands): every evaluation runs all of it. From the public Sudoku-Extreme instead, a
+different mix of puzzles (not measured with this recipe): prepare_sudoku.py --source=hf
+--subsample_size=43100 --test_subsample_size=5000 --num_aug=24 --name=sudoku-hard-aug-24.
 
 What it changes from config/sudoku.py (the paper's recipe), and why:
 - Data: every training puzzle plus 24 random symmetries of each, not 1,000 puzzles plus 1,000 symmetries.
