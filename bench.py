@@ -20,6 +20,7 @@ In the order it runs:
     python bench.py                                            # Sudoku step, checks, ops
     python bench.py --step=maze --check=False --ops=False      # the step at the Maze shape
     python bench.py --fp8=True --check=False --ops=False       # and the step with FP8 no-grad matmuls
+    python bench.py --batch_size=96 --check=False --ops=False  # one GPU's share of an 8-GPU batch of 768
     python bench.py --compile_mode=reduce-overhead --check=False --ops=False   # the step in CUDA graphs
     python bench.py --compile_mode=max-autotune-no-cudagraphs --step_backends=hopper --check=False --ops=False
     python bench.py --act_continue=False --grad_L_steps=2 --mixer=mlp --check=False --ops=False  # sudoku_fast's step
@@ -41,6 +42,8 @@ _not_config = set(globals())
 device = 'cuda'             # 'cpu' runs everything under Triton's interpreter at tiny shapes (timings meaningless)
 dtype = 'bfloat16'          # 'bfloat16' or 'float16'
 step = 'sudoku'             # the whole training step at the 'sudoku' shape, 'maze', 'both' or 'none'
+batch_size = 0              # the step's batch; 0 = the shape's (Sudoku 384, Maze 96). 96 at the Sudoku shape is
+                            # one GPU's share of the paper's 8-GPU batch of 768
 windows = 5                 # timed windows per backend, the backends taking turns
 steps_per_window = 10
 fp8 = False                 # also time the step with HRMConfig.fp8 (the blocks' no-grad matmuls in FP8)
@@ -60,6 +63,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 check_ranges(globals(), [('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"),
                          ('dtype', dtype in ('bfloat16', 'float16'), "'bfloat16' or 'float16'"),
                          ('step', step in ('sudoku', 'maze', 'both', 'none'), "'sudoku', 'maze', 'both' or 'none'"),
+                         ('batch_size', batch_size >= 0, '>= 0'),
                          ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1'),
                          ('compile_mode', compile_mode in COMPILE_MODES, ' or '.join(map(repr, COMPILE_MODES))),
                          ('step_backends', set(step_backends.split(',')) <= {'hopper', 'reference', 'pytorch'},
@@ -117,9 +121,15 @@ def sync():
 # -----------------------------------------------------------------------------
 # 1. the whole compiled training step
 
+def step_shape(shape):
+    """The timed step's (batch, tokens): the shape's, the batch as batch_size says."""
+    B, T = SHAPES[shape]
+    return batch_size or B, T
+
+
 def make_train_step(name, shape):
     """A function that runs one training step of its own model, optimizers and carry as variant `name`."""
-    B, T = SHAPES[shape]
+    B, T = step_shape(shape)
     backend, with_fp8 = STEP_VARIANTS[name]
     use_backend(backend)
     torch.manual_seed(0)
@@ -156,7 +166,7 @@ def make_train_step(name, shape):
 
 
 def time_train_steps(shape):
-    B, T = SHAPES[shape]
+    B, T = step_shape(shape)
     recipe = "" if (act_continue, grad_L_steps, mixer) == (True, 1, 'attention') else \
         f", act_continue={act_continue} grad_L_steps={grad_L_steps} mixer={mixer}"
     print(f"== {'' if tiny else 'compiled '}HRM training step, {shape} shape (hidden {hidden}, {n_head} heads, "

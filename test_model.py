@@ -3556,8 +3556,9 @@ def test_bench_dry_run_of_the_cuda_graph_mode_copies_the_carry_between_steps(tmp
     # with CUDA graphs a step's outputs are overwritten by the next run, so bench.py copies the carry and the
     # loss out after each step; on the CPU the graphs themselves are absent but that path runs (a warm-up
     # step, then a timed one on the copied carry)
-    out = run_script("bench.py", ["--device=cpu", "--dtype=float16", "--check=False", "--ops=False",
+    out = run_script("bench.py", ["--device=cpu", "--dtype=float16", "--check=False", "--ops=False", "--batch_size=3",
                                   "--step_backends=pytorch", "--compile_mode=reduce-overhead"], cwd=tmp_path).stdout
+    assert "batch 3, 19 tokens" in out  # the dry run's Sudoku shape is 2 x 20; batch_size sets its batch
     loss = float(re.search(r"pytorch: warm-up incl. compile \d+ s, loss ([\d.]+)", out).group(1))
     assert 0 < loss < 10 and re.search(r"sudoku step, pytorch *: median +[\d.]+ ms", out)
 
