@@ -4,7 +4,8 @@ Build a Sudoku dataset for train.py, in the layout of the original HRM code (see
 $ python prepare_sudoku.py                                   # Sudoku-Extreme-1k recipe from the shipped sample
 $ python prepare_sudoku.py --source=hf                       # the same from the real Sudoku-Extreme (large download)
 $ python prepare_sudoku.py --train_csv=my_train.csv --test_csv=my_test.csv --subsample_size=0 --num_aug=8
-$ python prepare_sudoku.py --source=hf --subsample_size=43100 --test_subsample_size=5000 --num_aug=24  # a 20-min run's
+$ python prepare_sudoku.py --source=hf --subsample_size=43100 --test_subsample_size=5000 --num_aug=24 \
+      --name=sudoku-hard-aug-24                             # config/sudoku_fast.py's data from Sudoku-Extreme
 
 The default is the HRM paper's Sudoku-Extreme-1k recipe: 1,000 training puzzles, each stored as itself plus
 1,000 random symmetry transformations (a group of 1,001 puzzles, so a loader draws one per group per

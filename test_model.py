@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1246,11 +1247,14 @@ def test_download(tmp_path, http_server):
     assert os.listdir(tmp_path / "dl") == ["train.csv"]
 
 
-def test_download_offline_is_a_clear_error(tmp_path):
-    import socket
-    with socket.socket() as s:  # a port with nothing listening
+def unused_port():
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_download_offline_is_a_clear_error(tmp_path):
+    port = unused_port()  # nothing listens there
     result = run_prepare("--source=hf", f"--hf_url=http://127.0.0.1:{port}", "--download_dir=dl", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith(f"prepare_sudoku.py: could not download http://127.0.0.1:{port}/train.csv")
@@ -1585,6 +1589,7 @@ def test_subsample_min_difficulty_and_seed(tmp_path):
     rows_taken = [test_questions.index("".join(map(str, ps.decode(q)))) for q in e_test["inputs"]]
     assert len(rows_taken) == 10 and rows_taken == sorted(set(rows_taken)) and meta["build"]["subsample_size"] == 10
     assert load_split(tmp_path / "a" / "test")[0]["total_groups"] == 30
+    assert load_split(tmp_path / "a" / "test")[0]["build"]["subsample_size"] == 0  # the split's own, not training's
 
     ratings = sorted(int(r["rating"]) for r in rows)
     cut = ratings[len(ratings) // 2]
@@ -3178,8 +3183,9 @@ def run_script(script, args, cwd, nproc=0, check=True, node=None):
     if nproc:
         launch = ["--standalone"]
         if node:
+            # a node whose partner never comes (its port taken, say) gives up in two minutes, not torchrun's ten
             launch = [f"--node_rank={node[0]}", f"--nnodes={node[1]}", "--master_addr=127.0.0.1",
-                      f"--master_port={node[2]}"]
+                      f"--master_port={node[2]}", "--rdzv_conf=timeout=120"]
         command = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
                    os.path.join(HERE, script)] + args
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -3441,29 +3447,20 @@ def test_evaluation_halts_where_q_says_with_halt_adaptive(tmp_path, start_script
     assert longer["steps"] == 7 and longer["exact_accuracy"] > 0.95, longer  # past training a sequence may drift
 
 
-def unused_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # the paper's recipe as two processes of one node; the fast recipe as two nodes of one process each
 @pytest.mark.parametrize("recipe,nodes", [([], 1), (["--mixer=mlp", "--pos_encodings=none", "--grad_L_steps=2",
                                                      "--act_continue=False", "--ema_decay=0.9"], 2)],
                          ids=["paper", "sudoku_fast-two-nodes"])
 def test_torchrun_two_processes_equal_one(reverse_task, tmp_path, recipe, nodes):
     args = RESUME_ARGS + ["--halt_exploration_prob=0.0", "--max_steps=20", "--backend=gloo"] + recipe
-    port = unused_port()
+    port = unused_port() if nodes > 1 else None
     # every node's torchrun runs at once (each waits for the others), beside the single-process run
     with concurrent.futures.ThreadPoolExecutor(nodes) as pool:
         launched = [pool.submit(run_script, "train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task,
-                                nproc=2 // nodes, node=(rank, nodes, port) if nodes > 1 else None)
-                    for rank in range(nodes)]
+                                nproc=2 // nodes, node=port and (rank, nodes, port)) for rank in range(nodes)]
         run_script("train.py", args + [f"--out_dir={tmp_path / 'single'}"], cwd=reverse_task)
-        assert "on 2 process(es)" in launched[0].result().stdout
-        for node in launched[1:]:
-            node.result()
+        results = [future.result() for future in launched]
+    assert "on 2 process(es)" in results[0].stdout
     # (every checkpoint also checks that the processes hold identical weights, or the run fails)
     ddp, single = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "single")
     assert ddp["world_size"] == 2 and ddp["carry"]["z_H"].shape[0] == 8

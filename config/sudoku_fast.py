@@ -34,13 +34,14 @@ What it changes from config/sudoku.py (the paper's recipe), and why:
   although a step took 38.8 ms instead of 28.0 and the run made 27,285 steps instead of 36,787 (33.9 ms and
   29,100 since the mixer pads its positions to a multiple of 8 for cuBLAS's Hopper kernels). The
   mixer now starts at zero (model.py), which on a CPU at a small scale took away a plateau at uniform
-  digits that cost that run its first 2,500 steps; with it (seed 1) token accuracy was 63% at step
-  700, and the run ended at 25.2% (15.5% for seed 0 before the zero start).
+  digits that cost that run its first 2,500 steps; with it (seed 1, before the padding) token accuracy
+  was 63% at step 700, and the run ended at 25.2% (15.5% for seed 0 before the zero start).
 - eval_votes=16: the final evaluation solves each test puzzle as itself and under 15 random symmetries, maps
   the answers back and scores the one most copies give (voted_exact_accuracy beside the puzzle-alone
-  exact_accuracy). The fit reserves time for it, sixteen evaluations' worth (about two minutes). Seed 1,
-  the recipe as it stands: 1,138 s in all, 26,900 steps, 25.2% alone and 47.0% voted. Seed 0 with eight
-  votes (1,161 s): 23.0% alone, 39.1% voted; its checkpoint through sample.py --votes=16: 43.4%.
+  exact_accuracy). The fit reserves time for it, seventeen evaluations' worth (the plain one and the 16
+  copies, about two minutes). Seed 1, the recipe as it stands: 1,138 s in all, 26,900 steps, 25.2% alone
+  and 47.0% voted. Seed 0 with eight votes (1,161 s): 23.0% alone, 39.1% voted; its checkpoint through
+  sample.py --votes=16: 43.4%.
 notes/sudoku_fast.md has the runs, their curves and what to try next.
 """
 out_dir = 'out-sudoku-fast'
