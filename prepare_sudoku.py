@@ -294,12 +294,12 @@ def augment(questions, answers, num_aug, rng, show_progress=False):
 # -----------------------------------------------------------------------------
 # the build
 
-def default_name(subsample_size, num_aug, min_difficulty):
-    """The original's naming: sudoku-extreme-1k-aug-1000, sudoku-extreme-full, ..."""
+def default_name(subsample_size, num_aug, min_difficulty, test_subsample_size=0):
+    """The original's naming: sudoku-extreme-1k-aug-1000, sudoku-extreme-full, ...; a test subset adds -test-N"""
     size = "full" if not subsample_size else \
         f"{subsample_size // 1000}k" if subsample_size % 1000 == 0 else str(subsample_size)
     return (f"sudoku-extreme-{size}" + (f"-diff-{min_difficulty}" if min_difficulty else "")
-            + (f"-aug-{num_aug}" if num_aug else ""))
+            + (f"-aug-{num_aug}" if num_aug else "") + (f"-test-{test_subsample_size}" if test_subsample_size else ""))
 
 
 def build_dataset(train_path, test_path, out_path, subsample_size=0, min_difficulty=0, num_aug=0, seed=0,
@@ -336,7 +336,7 @@ def main():
     paths = [resolve_input(train_csv), resolve_input(test_csv)]
     if source == "hf":
         paths = download_once(hf_url, download_dir, ("train.csv", "test.csv"), show_progress=progress)
-    out_path = dataset_path(out_dir, name or default_name(subsample_size, num_aug, min_difficulty))
+    out_path = dataset_path(out_dir, name or default_name(subsample_size, num_aug, min_difficulty, test_subsample_size))
     size = build_dataset(*paths, out_path, subsample_size, min_difficulty, num_aug, seed, skip_bad, progress,
                          test_subsample_size=test_subsample_size)
     print(f"wrote {out_path} ({human_bytes(size)}) in {time.time() - started:.1f} s")

@@ -1600,6 +1600,7 @@ def test_subsample_min_difficulty_and_seed(tmp_path):
     assert ps.default_name(1000, 1000, 0) == "sudoku-extreme-1k-aug-1000"
     assert ps.default_name(0, 0, 0) == "sudoku-extreme-full"
     assert ps.default_name(250, 8, 20) == "sudoku-extreme-250-diff-20-aug-8"
+    assert ps.default_name(1000, 1000, 0, 5000) == "sudoku-extreme-1k-aug-1000-test-5000"
 
 
 def test_command_line_build(tmp_path):
