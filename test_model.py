@@ -3458,7 +3458,8 @@ def test_torchrun_two_processes_equal_one(reverse_task, tmp_path, recipe, nodes)
     # every node's torchrun runs at once (each waits for the others), beside the single-process run
     with concurrent.futures.ThreadPoolExecutor(nodes) as pool:
         launched = [pool.submit(run_script, "train.py", args + [f"--out_dir={tmp_path / 'ddp'}"], cwd=reverse_task,
-                                nproc=2 // nodes, node=port and (rank, nodes, port)) for rank in range(nodes)]
+                                nproc=2 // nodes, node=(rank, nodes, port) if nodes > 1 else None)
+                    for rank in range(nodes)]
         run_script("train.py", args + [f"--out_dir={tmp_path / 'single'}"], cwd=reverse_task)
         results = [future.result() for future in launched]
     assert "on 2 process(es)" in results[0].stdout
