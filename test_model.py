@@ -3587,6 +3587,7 @@ BAD_TRAIN_INPUT = [
     (["--dataset=absent"], "no dataset at data/absent/train (no dataset.json): build one with a prepare_*.py script"),
     (["--init_from=resume", "--out_dir=nowhere"], "train.py: nowhere/ckpt.pt: no such file"),
     (["--init_from=reference"], "reference_checkpoint='': must be a path with init_from='reference'"),
+    (["--eval_only=True"], "eval_only=True: must be False with init_from='scratch' (untrained weights): --init_from=resume"),
     (["--eval_votes=4"], "eval_votes=4: voting over symmetries is for Sudoku, and data/reverse is an unnamed dataset"),
 ]
 

@@ -46,7 +46,7 @@ _not_config = set(globals())
 out_dir = 'out-sudoku'
 eval_interval = 2000        # steps between evaluations (and checkpoints)
 log_interval = 100          # steps between log lines
-eval_only = False           # evaluate once and exit
+eval_only = False           # evaluate the loaded weights (init_from 'resume' or 'reference') once and exit
 always_save_checkpoint = True  # save at every evaluation, not only at the end
 init_from = 'scratch'       # 'scratch', 'resume' (from out_dir), or 'reference' (the original's checkpoint)
 reference_checkpoint = ''   # with init_from='reference': path of a checkpoint saved by github.com/sapientinc/HRM
@@ -145,6 +145,8 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('init_from', init_from in ('scratch', 'resume', 'reference'), "'scratch', 'resume' or 'reference'"),
           ('reference_checkpoint', init_from != 'reference' or reference_checkpoint,
            "a path with init_from='reference'"),
+          ('eval_only', not eval_only or init_from != 'scratch',
+           "False with init_from='scratch' (untrained weights): --init_from=resume evaluates out_dir's checkpoint"),
           ('dtype', dtype in ('float32', 'bfloat16', 'float16'), "'float32', 'bfloat16' or 'float16'"),
           ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
 check_ranges(globals(), _rules)
