@@ -1,5 +1,5 @@
 # A minutes-long CPU smoke run of the whole ARC path on the 20 tasks shipped in assets/arc: training, the
-# evaluation's voting (pass@1, pass@2) and out-arc-tiny/submission.json. A 0.1M-parameter HRM will not solve
+# evaluation's voting (pass@1, pass@2) and out-arc-tiny/submission.json. A 0.13M-parameter HRM will not solve
 # ARC; it checks that everything runs.
 #   python prepare_arc.py --source=sample --num_aug=8
 #   python train.py config/arc_tiny.py

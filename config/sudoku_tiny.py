@@ -1,4 +1,4 @@
-# A minutes-long smoke run of the whole pipeline on a CPU: a 0.13M-parameter HRM on the Sudoku data.
+# A minute-long smoke run of the whole pipeline on a CPU: a 0.13M-parameter HRM on the Sudoku data.
 # It will not solve Sudoku; it checks that everything runs. `python train.py config/sudoku_tiny.py`
 out_dir = 'out-sudoku-tiny'
 dataset = 'sudoku-extreme-1k-aug-1000'
