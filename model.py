@@ -477,7 +477,8 @@ class HRM(nn.Module):
             answered = answered | first
         if "labels" not in batch:
             return {}, outputs
-        return self.act_loss(replace(carry, steps=outputs["steps"], halted=answered), outputs)[1], outputs
+        answers = replace(carry, steps=outputs["steps"], halted=answered)
+        return self.act_loss(answers, outputs, scored_only=True)[1], outputs
 
     @torch.no_grad()
     def solve(self, forward, inputs, puzzle_identifiers, batch_size, labels=None):
@@ -518,10 +519,12 @@ class HRM(nn.Module):
 
     # --- the loss
 
-    def act_loss(self, carry, outputs):
+    def act_loss(self, carry, outputs, scored_only=False):
         """Token loss, normalised per sequence, plus 0.5 x the two Q losses: Q-halt against whole-sequence
         correctness, Q-continue against the bootstrapped target. Losses are sums over the batch (divide by
-        the global batch size before backward). Metrics are sums over the sequences that halted."""
+        the global batch size before backward), as the original's, or with scored_only over the sequences
+        with something to score (evaluation's padding rows have nothing). Metrics are sums over the sequences
+        that halted."""
         labels = carry.current_data["labels"]
         logits, q_halt_logits = outputs["logits"], outputs["q_halt_logits"]
         with torch.no_grad():
@@ -541,7 +544,8 @@ class HRM(nn.Module):
 
         lm_loss = (LOSSES[self.config.loss_type](logits, labels) / loss_divisor).sum()
         metrics["lm_loss"] = lm_loss.detach()
-        return lm_loss + self.q_loss(outputs, seq_is_correct, metrics), metrics
+        counted = loss_counts > 0 if scored_only else None
+        return lm_loss + self.q_loss(outputs, seq_is_correct, metrics, counted), metrics
 
     def q_loss(self, outputs, halt_target, metrics, counted=None):
         """0.5 x the two Q losses, sums over the batch (or its `counted` rows (B,), where some are padding):
@@ -784,9 +788,10 @@ class Forecaster(HRM):
         return z_H.detach(), z_L.detach(), dict(forecast=forecast, q_halt_logits=q_logits[..., 0],
                                                 q_continue_logits=q_logits[..., 1])
 
-    def act_loss(self, carry, outputs):
+    def act_loss(self, carry, outputs, scored_only=True):
         """The forecast loss, a window's MSE or MAE summed over the windows that are not padding, plus HRM's Q
-        losses, Q-halt's target being MSE < halt_tolerance. Metrics: sums over the windows that halted."""
+        losses, Q-halt's target being MSE < halt_tolerance; padding windows are never scored (scored_only
+        always holds). Metrics: sums over the windows that halted."""
         data = carry.current_data
         mse, mae, metrics = self.forecast_metrics(outputs, data, carry.halted & data["valid"], carry.steps)
         forecast_loss = torch.where(data["valid"], mse if self.config.loss_type == "mse" else mae, 0).sum()

@@ -348,6 +348,12 @@ def test_ignored_labels_are_not_scored():
     for _ in range(config.halt_max_steps):
         carry, loss, metrics, outputs = model(carry, batch)
     assert metrics["count"] == config.batch_size - 1
+    # evaluation (whose last batch is padded with such sequences) scores the Q head on the others only; the
+    # forward's Q-halt loss counts every sequence, as the original's
+    evaluated, _ = model.run_to_halt(model, batch)
+    rest, _ = model.run_to_halt(model, {k: v[1:] for k, v in batch.items()})
+    assert torch.allclose(evaluated["q_halt_loss"], rest["q_halt_loss"], atol=1e-5)
+    assert metrics["q_halt_loss"] > rest["q_halt_loss"] + 1e-3
     logits = outputs["logits"].detach().requires_grad_()
     for loss_fn in (stablemax_cross_entropy, softmax_cross_entropy):
         per_token = loss_fn(logits, batch["labels"])
@@ -3083,6 +3089,10 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     too_short = start_script("train.py", args, cwd=synthetic_run, check=False)
     args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--init_from=reference", "--reference_checkpoint=x.pt"]
     not_puzzles = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
+    # what counts as a good forecast for the Q head is the training's to change on a resume
+    tolerant = shutil.copytree(synthetic_run / "out", tmp_path / "tolerant")
+    retargeted = start_script("train.py", [f"--out_dir={tolerant}", "--init_from=resume", "--eval_only=True",
+                                           "--halt_tolerance=0.3"], cwd=synthetic_run)
     log = read_eval_log(synthetic_run / "out")
     assert [row["step"] for row in log] == [20, 40]
     for key in ("mse", "mae", "mse_real", "mae_real", "last_value_mse", "last_value_mae", "dlinear_mse", "dlinear_mae",
@@ -3094,6 +3104,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     assert float(rows["dlinear"][0]) == pytest.approx(log[-1]["dlinear_mse"], abs=1e-4) and "last_value" in rows
     import xml.etree.ElementTree as ET
     assert "demand: test window 3" in ET.parse(plot).getroot().findtext("{http://www.w3.org/2000/svg}text")
+    retargeted.result()
+    assert len(read_eval_log(tolerant)) == 3 and read_eval_log(tolerant)[-1]["mse"] == pytest.approx(log[-1]["mse"])
     one_line_error(no_variable.result(), "variable='OT': the series has demand, temperature, supply")
     one_line_error(too_short.result(), "the train part (rows 0 to 1,120) is too short for one window")
     one_line_error(not_puzzles.result(),
@@ -3328,7 +3340,7 @@ def test_a_budgeted_run_fits_its_schedule_to_the_minutes(reverse_task, tmp_path)
     result = run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--epochs=1000", "--max_minutes=0.2",
                                                    "--eval_interval=1000", "--log_interval=100000"], cwd=reverse_task)
     took = time.time() - started
-    fitted = re.search(r"the run ends at step ([\d,]+)", result.stdout)
+    fitted = re.search(r"the run ends at step ([\d,]+), where the lr schedule ends", result.stdout)
     checkpoint = load_checkpoint(out)
     log = read_eval_log(out)
     # the first evaluation comes at the fit, the last at the end of the fitted schedule (a log interval longer
@@ -3386,7 +3398,9 @@ def test_evaluation_at_more_segments_leaves_training_at_its_own(reverse_task, tm
 def test_a_budgeted_resume_keeps_max_steps(reverse_task, tmp_path, start_script):
     out = tmp_path / "out"
     args = RESUME_ARGS + [f"--out_dir={out}", "--epochs=1000", "--max_steps=30", "--eval_interval=100000"]
-    run_script("train.py", args + ["--max_minutes=5"], cwd=reverse_task)
+    # (its 30 steps end inside a warmup of 40, which the fit says)
+    first = run_script("train.py", args + ["--max_minutes=5", "--warmup_steps=40"], cwd=reverse_task)
+    assert "the run ends at step 30, inside its warmup of 40 steps: the lr never reaches its peak" in first.stdout
     assert load_checkpoint(out)["iter_num"] == 30
     # resumed with a longer budget alone, the run has nothing to do (tried on a copy of it, side by side with the
     # resume below); with more steps too, it goes on to them

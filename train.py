@@ -229,7 +229,7 @@ else:
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
         if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob', 'act_continue',
-                     'halt_adaptive', 'grad_L_steps', 'fp8') and model_args.get(k) != v:
+                     'halt_adaptive', 'grad_L_steps', 'fp8', 'halt_tolerance') and model_args.get(k) != v:
             raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
                             f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
@@ -589,8 +589,10 @@ while iter_num < stop_step:
             progress.total = stop_step
             if master_process and iter_num == fit_step:
                 voting = f" (the final one, voting, up to {final_eval_seconds():.0f} s)" if eval_votes > 1 else ""
+                schedule = "where the lr schedule ends" if stop_step > warmup_steps else \
+                    f"inside its warmup of {warmup_steps:,} steps: the lr never reaches its peak (lower --warmup_steps)"
                 tqdm.write(f"max_minutes={max_minutes}: at {dt * 1000:.1f} ms/step and {eval_seconds:.1f} s per "
-                           f"evaluation{voting} the run ends at step {stop_step:,}, where the lr schedule ends")
+                           f"evaluation{voting} the run ends at step {stop_step:,}, {schedule}")
         if always_save_checkpoint or last:
             save_checkpoint()
         t0 = time.time()  # evaluation time is not training time
