@@ -302,6 +302,8 @@ def read_sets(source, challenges='', solutions='', train_sets=''):
         raise DataError(f"solutions={solutions}: give the challenges it solves with --challenges")
     if evaluation is None:
         raise DataError("no evaluation set: give --source=arc1, arc2 or sample, or --challenges=<file or folder>")
+    if not evaluation[1]:
+        raise DataError(f"{evaluation[0]}: no tasks to evaluate on")
     training += [(path, read_set(path)) for path in (p.strip() for p in train_sets.split(',')) if path]
     return training, evaluation
 

@@ -161,7 +161,7 @@ def parse_puzzle(text, answer=False):
 def read_sudoku_csv(path, min_difficulty=0, bad=None, need_answers=True, chunk_rows=1 << 18):
     """(questions, answers, ratings, lines) of a CSV's good rows rated at least min_difficulty: (N, 81) uint8
     digit arrays (answers None when not need_answers and the file has no answer column), (N,) ratings (-1
-    without a rating column) and the line of each. Bad rows go to `bad` (a BadRows). Rows are checked in
+    without a rating column or in an empty cell) and the line of each. Bad rows go to `bad` (a BadRows). Rows are checked in
     chunks with numpy, so the 3.8M rows of Sudoku-Extreme's train.csv take seconds."""
     bad = bad or BadRows(skip_bad=False)
     kept, chunk = [], []
@@ -175,7 +175,7 @@ def read_sudoku_csv(path, min_difficulty=0, bad=None, need_answers=True, chunk_r
         problems = [("bad question", f"question: {q}") if q else ("bad answer", f"answer: {a}") if a else None
                     for q, a in zip(q_problems, a_problems)]
         for i, (_, row) in enumerate(chunk):
-            if problems[i] is None and "rating" in row:
+            if problems[i] is None and row.get("rating", "").strip():
                 try:
                     ratings[i] = int(row["rating"])
                 except ValueError:
@@ -309,17 +309,22 @@ def build_dataset(train_path, test_path, out_path, subsample_size=0, min_difficu
     counts = dict(num_aug=num_aug, subsample_size=subsample_size, test_subsample_size=test_subsample_size,
                   min_difficulty=min_difficulty, seed=seed)
     check_ranges(counts, [(key, value >= 0, ">= 0") for key, value in counts.items()])
-    rng, splits = np.random.default_rng(seed), {}
+    splits = {}
     for split, path in (("train", train_path), ("test", test_path)):
+        # each split draws from its own generator: the test subset is the same whatever the training options
+        rng = np.random.default_rng(seed if split == "train" else [seed, 1])
         bad = BadRows(skip_bad)
         questions, answers, _, _ = read_sudoku_csv(path, min_difficulty, bad)
         log(f"{path}: {len(questions):,} puzzles" + (f" rated >= {min_difficulty}" if min_difficulty else ""))
         for line in bad.report():
             log("  " + line)
         size, copies = (subsample_size, num_aug) if split == "train" else (test_subsample_size, 0)
-        if 0 < size < len(questions):  # the test's draw follows the training set's, which it leaves as it was
+        if 0 < size < len(questions):
             chosen = np.sort(rng.choice(len(questions), size=size, replace=False))
             questions, answers = questions[chosen], answers[chosen]
+        elif size > len(questions):
+            log(f"{split}: {size:,} puzzles asked for, {len(questions):,} in {path}: all of them are used")
+            size = 0
         inputs, labels = augment(questions, answers, copies, rng, show_progress)
         arrays = puzzle_arrays(encode(inputs), encode(labels), examples_per_puzzle=1, puzzles_per_group=1 + copies)
         build = dict(script="prepare_sudoku.py", csv=os.path.abspath(path), seed=seed, num_aug=copies,

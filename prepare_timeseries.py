@@ -7,7 +7,8 @@ $ python prepare_timeseries.py --source=ett --ett=ETTh1     # download ETTh1 fro
 $ python prepare_timeseries.py --csv=ETTh1.csv              # a CSV: a date column and numeric columns (data/etth1)
 $ python prepare_timeseries.py --csv=sales.csv --columns=units,price --borders=0.6,0.2,0.2 --fill=ffill
 
-Input: a CSV with a header, a date column (ISO 8601: 2016-07-01 00:00:00) and numeric columns, one row per
+Input: a CSV with a header, a date column (ISO 8601: 2016-07-01 00:00:00; times with an offset are taken in
+UTC, so a daylight-saving change neither repeats nor skips an hour) and numeric columns, one row per
 time step in time order (ETT's layout: date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT). Every column but the date is
 a variable, both input and forecast (multivariate: ETT's 'M' setting), unless --columns picks some. A row
 whose date does not parse, a cell that is not a number, a date earlier than the row before or equal to it
@@ -72,13 +73,18 @@ def read_series(path, date_column="date", columns=(), fill=""):
         raise DataError(f"fill={fill!r}: must be '', 'ffill' or 'linear'")
     if not columns and os.path.isfile(path):
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            columns = [c.strip() for c in next(csv_module.reader(f), []) if c.strip() != date_column]
+            header = [c.strip() for c in next(csv_module.reader(f), [])]
+        if "" in header:  # pandas' to_csv writes its index so, a trailing comma leaves one at the end
+            raise DataError(f"{path}: column {header.index('') + 1} has no name (an index column or a trailing "
+                            f"comma?): name the variables to read with --columns=...")
+        columns = [c for c in header if c != date_column]
     if date_column in columns:
         raise DataError(f"columns: {date_column!r} is the date column, not a variable")
     stamps, rows, lines, first_missing = [], [], [], None
     for line, row in read_csv(path, (date_column, *columns)):
         try:
-            stamps.append(datetime.datetime.fromisoformat(row[date_column]).replace(tzinfo=None))
+            stamp = datetime.datetime.fromisoformat(row[date_column])
+            stamps.append(stamp.astimezone(datetime.timezone.utc).replace(tzinfo=None) if stamp.tzinfo else stamp)
         except ValueError:
             raise DataError(f"{path} line {line}: {date_column} {row[date_column]!r} is not a date and time "
                             f"(YYYY-MM-DD or YYYY-MM-DD HH:MM:SS)") from None

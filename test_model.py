@@ -1587,7 +1587,7 @@ def test_subsample_min_difficulty_and_seed(tmp_path):
     csv_questions = {row["question"].replace(".", "0") for row in rows}
     for i in a["group_indices"][:-1]:  # the originals are rows of the CSV
         assert "".join(map(str, ps.decode(a["inputs"][i]))) in csv_questions
-    # a test subset: drawn after the training set, which stays as it was; distinct rows of the test CSV, in order
+    # a test subset: the training set stays as it was; distinct rows of the test CSV, in order
     build(str(tmp_path / "e"), subsample_size=7, num_aug=2, seed=5, test_subsample_size=10)
     assert np.array_equal(load_split(tmp_path / "e" / "train")[1]["inputs"], a["inputs"])
     meta, e_test = load_split(tmp_path / "e" / "test")
@@ -1596,6 +1596,19 @@ def test_subsample_min_difficulty_and_seed(tmp_path):
     assert len(rows_taken) == 10 and rows_taken == sorted(set(rows_taken)) and meta["build"]["subsample_size"] == 10
     assert load_split(tmp_path / "a" / "test")[0]["total_groups"] == 30
     assert load_split(tmp_path / "a" / "test")[0]["build"]["subsample_size"] == 0  # the split's own, not training's
+    # the same test subset whatever the training options, so recipes built differently are scored alike
+    build(str(tmp_path / "f"), subsample_size=20, num_aug=5, seed=5, test_subsample_size=10)
+    assert np.array_equal(load_split(tmp_path / "f" / "test")[1]["inputs"], e_test["inputs"])
+    # more puzzles asked for than the CSV has: all of them, said and recorded so
+    said = []
+    build(str(tmp_path / "g"), subsample_size=100, num_aug=0, log=said.append)
+    meta, g_train = load_split(tmp_path / "g" / "train")
+    assert "train: 100 puzzles asked for, 60 in " in said[1] and meta["build"]["subsample_size"] == 0
+    assert len(g_train["inputs"]) == 60
+    # a rating column may have empty cells: unrated puzzles
+    unrated = write_csv(tmp_path / "unrated.csv", [dict(row, rating="") for row in rows[:5]])
+    questions, _, ratings, _ = ps.read_sudoku_csv(unrated, 0, ps.BadRows(False))
+    assert len(questions) == 5 and (ratings == -1).all()
 
     ratings = sorted(int(r["rating"]) for r in rows)
     cut = ratings[len(ratings) // 2]
@@ -2533,6 +2546,7 @@ def test_arc_bad_files_and_options_are_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "broken.json").write_text('{"00576224": {"train": [')
     (tmp_path / "partial_solutions.json").write_text(json.dumps({"00576224": [[[1]]]}))
     (tmp_path / "x_challenges.json").write_text(open(challenges).read())
+    (tmp_path / "empty.json").write_text("{}")
     cases = [(dict(challenges=str(tmp_path / "broken.json")), f"{tmp_path / 'broken.json'}: not valid JSON"),
              (dict(challenges=challenges, solutions=str(tmp_path / "partial_solutions.json")),
               f"{tmp_path / 'partial_solutions.json'}: no solutions for task 2072aba6"),
@@ -2541,6 +2555,7 @@ def test_arc_bad_files_and_options_are_one_clear_error(tmp_path, monkeypatch):
              (dict(challenges=str(tmp_path / "none.json")), f"{tmp_path / 'none.json'}: no such file or folder"),
              (dict(source="arc3"), "source='arc3': must be 'arc1', 'arc2', 'sample' or ''"),
              (dict(source=""), "no evaluation set"),
+             (dict(challenges=str(tmp_path / "empty.json")), f"{tmp_path / 'empty.json'}: no tasks to evaluate on"),
              (dict(solutions=solutions), f"solutions={solutions}: give the challenges it solves with --challenges")]
     for options, message in cases:
         with pytest.raises(dataset.DataError) as e:
@@ -2808,6 +2823,22 @@ def test_bad_rows_are_named(tmp_path, rows, fill, message):
     with pytest.raises(dataset.DataError) as error:
         pt.read_series(path, fill=fill)
     assert str(error.value).startswith(path) and message in str(error.value)
+
+
+def test_times_with_offsets_are_read_in_utc(tmp_path):
+    # across the end of daylight saving time local clocks repeat an hour; in UTC the series stays hourly
+    rows = [["2021-10-31 01:00:00+02:00", "1", "2"], ["2021-10-31 02:00:00+02:00", "1", "2"],
+            ["2021-10-31 02:00:00+01:00", "1", "2"], ["2021-10-31 03:00:00+01:00", "1", "2"]]
+    stamps, _, _ = pt.read_series(write_series_csv(tmp_path / "dst.csv", rows))
+    assert stamps.tolist() == hourly(4, "2021-10-30T23:00").tolist()
+
+
+def test_an_unnamed_column_is_refused(tmp_path):
+    # pandas' to_csv writes its row index as a column without a name: it is not a variable to forecast
+    path = write_series_csv(tmp_path / "indexed.csv", [["0", "2021-03-01 00:00", "1"]], header=("", "date", "a"))
+    with pytest.raises(dataset.DataError, match="column 1 has no name .an index column or a trailing comma.."):
+        pt.read_series(path)
+    assert pt.read_series(path, columns=["a"])[2] == ["a"]
 
 
 def test_fill_and_columns(tmp_path):
