@@ -77,7 +77,10 @@ if device == 'cuda' and not torch.cuda.is_available():
 
 if device == 'cpu':
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-import triton  # noqa: E402
+try:
+    import triton  # noqa: E402
+except ImportError:
+    raise DataError("triton is not installed (pip install triton): the benchmarks time its kernels") from None
 
 import kernels  # noqa: E402
 from model import HRM, Carry, HRMConfig, RotaryEmbedding, check_fp8  # noqa: E402
@@ -100,7 +103,9 @@ BACKENDS = {"hopper": (True, True), "reference": (True, False), "pytorch": (Fals
 if not has_hopper:
     del BACKENDS["hopper"]
 # the training step's variants: each backend asked for, and with fp8 the first one's step with FP8 matmuls
-STEP_VARIANTS = {name: (name, False) for name in step_backends.split(',') if name in BACKENDS}
+# (the model takes the tuned paths on a Hopper GPU only: on the CPU its hopper step would be the reference one)
+STEP_VARIANTS = {name: (name, False) for name in step_backends.split(',') if name in BACKENDS
+                 and not (tiny and name == 'hopper')}
 if step != 'none' and not STEP_VARIANTS:
     raise DataError(f"step_backends={step_backends!r}: the tuned paths run on a Hopper GPU only; add 'reference' "
                     f"or 'pytorch'")
@@ -312,8 +317,9 @@ if check:
 
 def gpu_time(fn, iters=20):
     """Mean summed duration of the GPU kernels that fn launches, in ms, L2 flushed between calls; on the
-    CPU dry run the wall time of one call."""
+    CPU dry run the wall time of one call after a first one."""
     if device != 'cuda':
+        fn()  # the first call traces and compiles
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3

@@ -5,7 +5,8 @@ Poor man's configurator, after nanoGPT. A script sets its config as module-level
     exec(open('configurator.py').read())
 
 Each command-line argument is a Python file of assignments (config/sudoku.py), run in a namespace holding
-the config so far, or --key=value. Either way only the keys in config_keys are accepted and every value
+the config so far, or --key=value; the files go first, in their order, then the --key=value overrides,
+wherever they stand on the command line. Either way only the keys in config_keys are accepted and every value
 keeps its default's type (an int may stand for a float): --key=value is read as that type, so a string
 stays a string (--puzzle=4000008050... is text, not a number). A problem is one line naming the argument.
 What the arguments set is left in config_overrides (key -> value): a resumed run re-applies only those.
@@ -22,7 +23,7 @@ def _typed(value, default, where):
     if isinstance(value, str) and kind is not str:
         try:
             value = {"True": True, "False": False}[value] if kind is bool else literal_eval(value)
-        except (KeyError, SyntaxError, ValueError):
+        except (KeyError, SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
             pass
     if kind is float and type(value) is int:
         value = float(value)
@@ -32,7 +33,7 @@ def _typed(value, default, where):
 
 
 config_overrides = {}
-for _arg in sys.argv[1:]:
+for _arg in sorted(sys.argv[1:], key=lambda a: a.startswith('--')):  # files first: the command line wins
     if _arg.startswith('--') and '=' in _arg:
         _key, _val = _arg[2:].split('=', 1)
         if _key not in config_keys:

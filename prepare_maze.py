@@ -97,7 +97,7 @@ def to_tokens(text, side, allowed):
     """One maze's text -> (tokens (side*side,) uint8, None), or (None, what is wrong): its length, or a
     character not in `allowed`."""
     if len(text) != side * side:
-        return None, f"expected {side * side} characters (a {side}x{side} maze; --size sets the side), got {len(text)}"
+        return None, f"expected {side * side} characters (a {side}x{side} maze), got {len(text)}"
     j = next((k for k, ch in enumerate(text) if ch not in allowed), None)
     if j is not None:
         return None, f"character {text[j]!r} at {cell(j, side)} is not one of {allowed!r}"

@@ -95,10 +95,10 @@ def load_model():
     """(task, model, forward): the checkpoint's model in eval mode, and it or its compiled version."""
     try:
         checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-        model = build_model(dict(checkpoint['model_args'], forward_dtype=dtype,
-                                 **({'fp8': fp8} if 'fp8' in config_overrides else {})))
     except DataError as e:
         raise DataError(f"{e} (train a model with train.py, or set --out_dir)") from None
+    model = build_model(dict(checkpoint['model_args'], forward_dtype=dtype,
+                             **({'fp8': fp8} if 'fp8' in config_overrides else {})))
     if model.config.fp8:
         check_fp8(device, dtype)
     # a run that kept an average of its weights evaluated with it: so does sample.py, unless told otherwise
@@ -286,6 +286,9 @@ def arc(model, forward):
         raise DataError("give --arc_task=<a task's JSON file>, or the id of a task in the dataset's evaluation set")
     data_dir = os.path.join('data', dataset)
     identifiers = pa.read_identifiers(data_dir)
+    if not identifiers and model.config.num_puzzle_identifiers > 1:  # its puzzle embeddings are named there
+        raise DataError(f"{data_dir}: no such dataset: the one the model trained on names its puzzle embeddings "
+                        f"(set --dataset, or run from the folder that holds data/)")
     if identifiers and len(identifiers) != model.config.num_puzzle_identifiers:
         raise DataError(f"{data_dir} has {len(identifiers):,} puzzle identifiers, the model "
                         f"{model.config.num_puzzle_identifiers:,}: not the dataset it trained on (set --dataset)")
@@ -344,6 +347,8 @@ def timeseries(model, forward):
         raise DataError(f"window={window}: the {split} part has {n:,} windows (0 to {n - 1:,}, or -1 for the last)")
     if plot and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
         raise DataError(f"plot={plot!r}: no such directory")
+    if plot and os.path.isdir(plot):
+        raise DataError(f"plot={plot!r} is a directory: give an SVG file's path")
     forecasts = []
     for batch in tqdm(eval_batches(windows, n, batch_size, 0, 1), desc='forecasting', total=math.ceil(n / batch_size),
                       disable=quiet):
@@ -380,6 +385,8 @@ if __name__ == '__main__':
         raise DataError(f"votes={votes}: must be >= 1, and 1 with show_steps (which shows one run of each input)")
     if puzzles and not os.path.isfile(puzzles):
         raise DataError(f"{puzzles}: no such file")
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise DataError(f"dtype={dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
     check_device(device)
     task, model, forward = load_model()
     if votes > 1 and task != 'sudoku':

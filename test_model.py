@@ -2045,9 +2045,9 @@ def corrupt_maze(row, kind):
     if kind == "too few fields":
         return [src, q, a], "expected 4 fields (source,question,answer,rating), got 3"
     if kind == "short question":
-        return [src, q[:80], a, r], "question: expected 81 characters (a 9x9 maze; --size sets the side), got 80"
+        return [src, q[:80], a, r], "question: expected 81 characters (a 9x9 maze), got 80"
     if kind == "long answer":
-        return [src, q, a + "#", r], "answer: expected 81 characters (a 9x9 maze; --size sets the side), got 82"
+        return [src, q, a + "#", r], "answer: expected 81 characters (a 9x9 maze), got 82"
     if kind == "bad question character":
         return [src, put(q, wall, "x"), a, r], f"question: character 'x' at {cell(wall)} is not one of '# SG'"
     if kind == "path in the question":
@@ -2693,6 +2693,8 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
     shown = start_script("sample.py", [f"--out_dir={out}", "--arc_task=6ea4a07e"], cwd=tmp_path)
     unknown = start_script("sample.py", [f"--out_dir={out}", f"--arc_task={new_task}"], cwd=tmp_path)
     training_task = start_script("sample.py", [f"--out_dir={out}", "--arc_task=0d3d703e"], cwd=tmp_path, check=False)
+    no_dataset = start_script("sample.py", [f"--out_dir={out}", f"--arc_task={new_task}", "--dataset=nope"],
+                              cwd=tmp_path, check=False)
     final = read_eval_log(out)[-1]
     assert final["tasks_scored"] == 10 and final["test_inputs_scored"] == 11 and final["votes_per_input"] == 3
     assert all(0 <= final[k] <= 1 for k in ("pass@1", "pass@2", "task_pass@1", "task_pass@2"))
@@ -2718,6 +2720,7 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
     assert "test input 1: no answer known" in result.stdout and "8 variant(s) voting" in result.stdout
     one_line_error(training_task.result(),
                    "--arc_task=0d3d703e is a training task of data/arc-sample-aug-2, not in its evaluation set")
+    one_line_error(no_dataset.result(), "data/nope: no such dataset: the one the model trained on names its puzzle")
 
 
 # -----------------------------------------------------------------------------
@@ -3120,6 +3123,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     too_short = start_script("train.py", args, cwd=synthetic_run, check=False)
     args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--init_from=reference", "--reference_checkpoint=x.pt"]
     not_puzzles = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
+    plot_folder = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", f"--plot={tmp_path}"],
+                               cwd=synthetic_run, check=False)
     # what counts as a good forecast for the Q head is the training's to change on a resume
     tolerant = shutil.copytree(synthetic_run / "out", tmp_path / "tolerant")
     retargeted = start_script("train.py", [f"--out_dir={tolerant}", "--init_from=resume", "--eval_only=True",
@@ -3138,6 +3143,7 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     retargeted.result()
     assert len(read_eval_log(tolerant)) == 3 and read_eval_log(tolerant)[-1]["mse"] == pytest.approx(log[-1]["mse"])
     one_line_error(no_variable.result(), "variable='OT': the series has demand, temperature, supply")
+    one_line_error(plot_folder.result(), f"plot={str(tmp_path)!r} is a directory: give an SVG file's path")
     one_line_error(too_short.result(), "the train part (rows 0 to 1,120) is too short for one window")
     one_line_error(not_puzzles.result(),
                    "init_from='reference' loads the original's puzzle HRM, but data/synthetic is a time series")
@@ -3185,6 +3191,7 @@ def test_configurator_keeps_types(args, printed):
     (["--os=1"], None, "unknown config key 'os'"),
     (["--steps=big"], None, "--steps=big: expected int (default 3), got 'big'"),
     (["--steps=1.5"], None, "expected int (default 3), got 1.5"),
+    (["--steps={[]}"], None, "--steps={[]}: expected int (default 3), got '{[]}'"),
     (["--flag=yes"], None, "expected bool (default False), got 'yes'"),
     (["-steps=1"], None, "-steps=1: expected --key=value or a config file ending in .py"),
     (["steps=1"], None, "steps=1: expected --key=value or a config file ending in .py"),
@@ -3206,6 +3213,9 @@ def test_config_files_set_only_what_they_assign(tmp_path):
     (tmp_path / "cfg.py").write_text("import math\nsteps = int(math.sqrt(16))\nrate = steps / 8\n")
     result = run_configured(["cfg.py", "--flag=True"], cwd=tmp_path)
     assert result.stdout.splitlines()[-1] == "('x', 4, 0.5, True) ['flag', 'rate', 'steps']", result.stderr
+    # the command line wins over a file, wherever the file stands
+    result = run_configured(["--steps=9", "cfg.py"], cwd=tmp_path)
+    assert result.stdout.splitlines()[-1] == "('x', 9, 0.5, False) ['rate', 'steps']", result.stderr
     (tmp_path / "same.py").write_text("name = 'x'\nflag = False\n")  # assigned, though equal to the defaults
     result = run_configured(["same.py"], cwd=tmp_path)
     assert result.stdout.splitlines()[-1] == "('x', 3, 0.5, False) ['flag', 'name']", result.stderr
@@ -3823,7 +3833,10 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     batch_size = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--batch_size=-1"],
                               cwd=tmp_path, check=False)
     missing = start_script("sample.py", [f"--out_dir={out}", "--puzzles=missing.txt"], cwd=tmp_path, check=False)
+    bad_dtype = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--dtype=fp32"], cwd=tmp_path,
+                             check=False)
     one_line_error(no_run.result(), "no such file (train a model with train.py, or set --out_dir)")
+    one_line_error(bad_dtype.result(), "dtype='fp32': must be 'float32', 'bfloat16' or 'float16'")
     nothing = nothing.result()
     assert nothing.returncode != 0 and "no puzzle could be read (1 had errors)" in nothing.stderr
     one_line_error(batch_size.result(), "batch_size must be >= 1")
