@@ -270,7 +270,9 @@ class HRMConfig:
             ("H_cycles", self.H_cycles >= 1, ">= 1"), ("L_cycles", self.L_cycles >= 1, ">= 1"),
             ("H_layers", self.H_layers >= 1, ">= 1"), ("L_layers", self.L_layers >= 1, ">= 1"),
             ("hidden_size", self.hidden_size >= 1, ">= 1"), ("expansion", self.expansion > 0, "> 0"),
-            ("num_heads", self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "a divisor of hidden_size"),
+            ("num_heads", self.num_heads >= 1 and self.hidden_size % self.num_heads == 0
+             and not (self.rotates_heads and self.hidden_size // self.num_heads % 2),
+             "a divisor of hidden_size (with RoPE, one leaving an even head size: RoPE rotates pairs)"),
             ("pos_encodings", self.pos_encodings in ("rope", "learned", "none"), "'rope', 'learned' or 'none'"),
             ("mixer", self.mixer in ("attention", "mlp"), "'attention' or 'mlp'"),
             ("grad_L_steps", 1 <= self.grad_L_steps <= self.L_cycles, f"in [1, L_cycles={self.L_cycles}]"),
@@ -278,6 +280,11 @@ class HRMConfig:
             ("halt_exploration_prob", 0 <= self.halt_exploration_prob <= 1, "in [0, 1]"),
             ("forward_dtype", self.forward_dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
             ("loss_type", self.loss_type in LOSSES, f"one of {sorted(LOSSES)}")]
+
+    @property
+    def rotates_heads(self):
+        """Attention rotates each head's queries and keys by RoPE."""
+        return self.pos_encodings == "rope" and self.mixer == "attention"
 
 
 @dataclass
@@ -643,6 +650,10 @@ class ForecastConfig(HRMConfig):
             ("halt_tolerance", self.halt_tolerance > 0, "> 0")]
 
     @property
+    def rotates_heads(self):
+        return super().rotates_heads and self.layout != "variable"  # the variable layout's tokens have no order
+
+    @property
     def steps_per_forecast(self):
         """What the head predicts at once: the horizon (one-shot), else the next step (the next patch)."""
         if self.head == "oneshot":
@@ -851,10 +862,11 @@ def build_model(model_args):
 
 
 class AdamAtan2(torch.optim.Optimizer):
-    """Adam with atan2 in place of the epsilon division (Everett et al. 2024), as the original HRM trains:
+    """Adam with atan2 in place of the epsilon division (Everett et al. 2024), as the original HRM trains it
+    (the adam-atan2 package's CUDA kernel, its first bias correction outside the atan2):
 
         m = lerp(m, g, 1 - beta1);  v = lerp(v, g^2, 1 - beta2)
-        p = p * (1 - lr * weight_decay) - lr * atan2(m / (1 - beta1^t), sqrt(v / (1 - beta2^t)))
+        p = p * (1 - lr * weight_decay) - lr / (1 - beta1^t) * atan2(m, sqrt(v) / sqrt(1 - beta2^t))
 
     atan2(a, b) ~ a / b where |a| << b and is bounded by pi/2, so there is no epsilon to tune."""
 
@@ -886,12 +898,11 @@ class AdamAtan2(torch.optim.Optimizer):
             torch._foreach_lerp_(m, grads, 1 - beta1)
             torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), 1 - beta2)
             torch._foreach_mul_(params, 1 - lr * weight_decay)
-            update = torch._foreach_div(m, [1 - beta1 ** t for t in steps])
             v_hat = torch._foreach_sqrt(v)
             torch._foreach_div_(v_hat, [math.sqrt(1 - beta2 ** t) for t in steps])
-            for u, b in zip(update, v_hat):  # there is no multi-tensor atan2
-                u.atan2_(b)
-            torch._foreach_add_(params, update, alpha=-lr)
+            update = [torch.atan2(a, b) for a, b in zip(m, v_hat)]  # there is no multi-tensor atan2
+            torch._foreach_mul_(update, [-lr / (1 - beta1 ** t) for t in steps])
+            torch._foreach_add_(params, update)
 
 
 class WeightEMA:

@@ -395,10 +395,11 @@ def test_adam_atan2_matches_its_definition():
             g, t[k] = g.double(), t[k] + 1
             m[k] = beta1 * m[k] + (1 - beta1) * g
             v[k] = beta2 * v[k] + (1 - beta2) * g * g
-            m_hat, v_hat = m[k] / (1 - beta1 ** t[k]), v[k] / (1 - beta2 ** t[k])
-            flat, m_flat, v_flat = reference[k].view(-1), m_hat.view(-1), v_hat.view(-1)
+            # the adam-atan2 package's (the original's optimizer): the first bias correction scales the step
+            step_size, v_scale = lr / (1 - beta1 ** t[k]), math.sqrt(1 - beta2 ** t[k])
+            flat, m_flat, v_flat = reference[k].view(-1), m[k].view(-1), v[k].view(-1)
             for i in range(flat.numel()):
-                flat[i] = flat[i] * (1 - lr * wd) - lr * math.atan2(m_flat[i], math.sqrt(v_flat[i]))
+                flat[i] = flat[i] * (1 - lr * wd) - step_size * math.atan2(m_flat[i], math.sqrt(v_flat[i]) / v_scale)
         optimizer.step()
         for k, p in enumerate(params):
             assert torch.allclose(p.detach().double(), reference[k], atol=1e-6), f"step {step}, tensor {k}"
@@ -526,6 +527,20 @@ def test_grad_L_steps_backpropagates_through_that_many_final_L_steps():
     assert not torch.allclose(grads[1], grads[3], rtol=1e-3)
     with pytest.raises(ValueError, match=r"grad_L_steps=4: must be in \[1, L_cycles=3\]"):
         tiny_config(grad_L_steps=4)
+
+
+def test_rope_needs_an_even_head_size():
+    # RoPE rotates pairs of a head's channels: a head of 3 is refused where attention rotates it, and runs elsewhere
+    with pytest.raises(ValueError, match=r"num_heads=8: must be a divisor of hidden_size \(with RoPE, one leaving"):
+        tiny_config(hidden_size=24, num_heads=8)
+    for config in (tiny_config(hidden_size=24, num_heads=8, pos_encodings="learned"),
+                   tiny_config(hidden_size=24, num_heads=8, mixer="mlp"),
+                   forecast_config(hidden_size=24, num_heads=8, layout="variable")):
+        model = build_model(dataclasses.asdict(config)) if isinstance(config, ForecastConfig) else HRM(config)
+        batch = window_batch(config) if isinstance(config, ForecastConfig) else random_batch(config)
+        model(model.initial_carry(batch), batch)
+    with pytest.raises(ValueError, match="num_heads=8"):
+        forecast_config(hidden_size=24, num_heads=8, layout="patch")
 
 
 def test_the_mlp_mixer_mixes_positions_without_attention():
