@@ -3733,7 +3733,8 @@ def test_the_final_evaluation_votes_over_symmetries(sudoku_copy_task, tmp_path, 
     assert re.search(r"s per evaluation \(the final one, voting, up to \d+ s\) the run ends at step", result.stdout)
     fit, final = read_eval_log(out)
     assert fit["step"] == 25 and "voted_exact_accuracy" not in fit and final["step"] == 100
-    assert final["exact_accuracy"] == final["voted_exact_accuracy"] == final["vote_agreement"] == 1.0, final
+    # (a copy mapped back wrongly would disagree: agreement near a third; the trained model misses a copy at most)
+    assert final["exact_accuracy"] == final["voted_exact_accuracy"] == 1.0 and final["vote_agreement"] > 0.95, final
     # resumed with time left for an evaluation but not for the vote (four evaluations' worth): nothing to train
     budget = load_checkpoint(out)["budget"]
     between = budget["minutes"] + 2 * budget["eval_seconds"] / 60
