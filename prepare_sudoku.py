@@ -161,8 +161,8 @@ def parse_puzzle(text, answer=False):
 def read_sudoku_csv(path, min_difficulty=0, bad=None, need_answers=True, chunk_rows=1 << 18):
     """(questions, answers, ratings, lines) of a CSV's good rows rated at least min_difficulty: (N, 81) uint8
     digit arrays (answers None when not need_answers and the file has no answer column), (N,) ratings (-1
-    without a rating column or in an empty cell) and the line of each. Bad rows go to `bad` (a BadRows). Rows are checked in
-    chunks with numpy, so the 3.8M rows of Sudoku-Extreme's train.csv take seconds."""
+    without a rating column or in an empty cell) and the line of each. Bad rows go to `bad` (a BadRows). Rows
+    are checked in chunks with numpy, so the 3.8M rows of Sudoku-Extreme's train.csv take seconds."""
     bad = bad or BadRows(skip_bad=False)
     kept, chunk = [], []
 
