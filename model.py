@@ -811,10 +811,11 @@ class Forecaster(HRM):
                                            data["valid"]), metrics
 
     def forecast_metrics(self, outputs, data, counted, steps):
-        """Each window's MSE and MAE (B,) against as many steps of its labels as the forecast has, and the
-        metrics: sums over the `counted` windows."""
-        forecast = outputs["forecast"]
-        error = forecast - data["labels"][:, :forecast.shape[1]].float()
+        """Each window's MSE and MAE (B,) over the steps both the forecast and its labels have (an
+        autoregressive patch may reach past a shorter horizon), and the metrics: sums over the `counted`
+        windows."""
+        steps_scored = min(outputs["forecast"].shape[1], data["labels"].shape[1])
+        error = outputs["forecast"][:, :steps_scored] - data["labels"][:, :steps_scored].float()
         mse, mae = error.square().mean((1, 2)), error.abs().mean((1, 2))
         with torch.no_grad():
             good = mse < self.config.halt_tolerance

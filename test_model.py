@@ -2985,6 +2985,20 @@ def test_forecaster_heads_and_the_autoregressive_rollout(layout):
             assert torch.allclose(seen[2][:, -step:], forecast[:, :step])
 
 
+def test_an_autoregressive_patch_longer_than_the_horizon_trains_on_the_labelled_steps():
+    config = forecast_config(head="autoregressive", horizon=3, patch_len=8)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.asdict(config))
+    batch = window_batch(config)
+    carry, loss, metrics, outputs = model(model.initial_carry(batch), batch)
+    assert outputs["forecast"].shape == (5, 8, 2)  # a whole patch, of which the horizon labels 3 steps
+    mse = ((outputs["forecast"][:, :3] - batch["labels"]) ** 2).mean((1, 2))
+    assert metrics["forecast_loss"] == pytest.approx(mse.sum().item(), rel=1e-5)
+    loss.backward()
+    metrics, outputs = model.eval().run_to_halt(model, batch)
+    assert outputs["forecast"].shape == (5, 3, 2) and metrics["count"] == 5
+
+
 def test_shorter_windows_keep_their_positions():
     config = forecast_config(layout="time", input_len=24, horizon=8)
     model = build_model(dataclasses.asdict(config)).eval()
