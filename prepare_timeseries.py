@@ -34,8 +34,8 @@ import xml.sax.saxutils
 
 import numpy as np
 
-from dataset import (CALENDAR, DataError, Windows, dataset_path, download_once, exit_cleanly, human_bytes, read_csv,
-                     resolve_input, write_series)
+from dataset import (CALENDAR, DataError, Windows, check_ranges, dataset_path, download_once, exit_cleanly,
+                     human_bytes, read_csv, resolve_input, write_series)
 
 # -----------------------------------------------------------------------------
 # default config values: the synthetic series, offline
@@ -230,6 +230,7 @@ def main():
     kind = source or ("csv" if csv else "synthetic")
     if kind not in ("synthetic", "csv", "ett"):
         raise DataError(f"source={source!r}: must be 'synthetic', 'csv' or 'ett'")
+    check_ranges(globals(), [("seed", seed >= 0, ">= 0"), ("synthetic_rows", synthetic_rows >= 1, ">= 1")])
     started = time.time()
     build = dict(script="prepare_timeseries.py", source=kind, fill=fill)
     if kind == "synthetic":

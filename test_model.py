@@ -2138,6 +2138,19 @@ def test_maze_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_p
         assert result.returncode == 1 and result.stderr.startswith(f"prepare_maze.py: {message}"), result.stderr
 
 
+@pytest.mark.parametrize("script, arg, message", [
+    ("prepare_maze.py", "--seed=-1", "seed=-1: must be >= 0"),
+    ("prepare_maze.py", "--size=1", "size=1: must be >= 2"),
+    ("prepare_arc.py", "--seed=-1", "seed=-1: must be >= 0"),
+    ("prepare_timeseries.py", "--seed=-1", "seed=-1: must be >= 0"),
+    ("prepare_timeseries.py", "--synthetic_rows=-5", "synthetic_rows=-5: must be >= 1")])
+def test_prepare_scripts_refuse_out_of_range_counts_in_one_line(tmp_path, script, arg, message):
+    extra = ["--source=sample", "--num_aug=1"] if script == "prepare_arc.py" else []
+    result = run_prepare(arg, *extra, cwd=tmp_path, script=script)
+    assert result.returncode == 1 and result.stderr == f"{script}: {message}\n", result.stderr
+    assert not os.path.exists(tmp_path / "data")
+
+
 def test_failed_maze_build_leaves_nothing(tmp_path, monkeypatch):
     fail_on_test_split(monkeypatch)
     mazes = pm.generate_mazes(4, 9, 10, np.random.default_rng(0))
