@@ -455,7 +455,7 @@ class TrainBatches:
                 rows.append(d.puzzle_indices[plan[whole]] + np.sort(rng.choice(sizes[whole], need, replace=False)))
                 puzzles.append(np.full(need, plan[whole]))
                 need, self.position = 0, self.position + 1
-            if self.position == d.num_groups:
+            if self.position >= d.num_groups:  # past it: resumed on a dataset rebuilt smaller
                 self.epoch, self.position = self.epoch + 1, 0
         rows, puzzles = np.concatenate(rows), np.concatenate(puzzles)
         return d.batch(rows[self.local], self.local.stop - self.local.start, puzzles[self.local])
@@ -669,7 +669,7 @@ class WindowBatches(TrainBatches):
             taken = self._plan()[self.position:self.position + need]
             rows.append(taken)
             need, self.position = need - len(taken), self.position + len(taken)
-            if self.position == self.data.num_examples:
+            if self.position >= self.data.num_examples:
                 self.epoch, self.position = self.epoch + 1, 0
         rows = np.concatenate(rows)[self.local]
         return self.data.batch(rows, pad_to=len(rows))

@@ -1188,6 +1188,11 @@ def test_puzzle_data_round_trip(tmp_path):
     assert data.meta["task"] == "sudoku"
     batch = data.batch(np.array([0, 5]), 4, np.array([0, 5]))
     assert batch["inputs"].shape == (4, 4) and (batch["labels"][2:] == dataset.IGNORE_LABEL_ID).all()
+    # a position past the last group (a resume on a dataset rebuilt smaller) starts the next epoch
+    resumed, fresh = (dataset.TrainBatches(data, 2, 0, 1, seed=0) for _ in range(2))
+    resumed.load_state_dict(dict(epoch=4, position=7))
+    fresh.load_state_dict(dict(epoch=5, position=0))
+    assert np.array_equal(next(resumed)["inputs"], next(fresh)["inputs"]) and resumed.state_dict()["epoch"] == 5
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -2945,6 +2950,10 @@ def test_window_batches_resume_and_split_between_processes(tmp_path):
     resumed = dataset.WindowBatches(train, 48, 0, 1, seed=3)
     resumed.load_state_dict(dict(epoch=1, position=35))  # after the third batch
     assert all(np.array_equal(next(resumed)["inputs"], b["inputs"]) for b in batches[3:])
+    resumed.load_state_dict(dict(epoch=1, position=150))  # past the 109 windows: a series rebuilt shorter
+    fresh = dataset.WindowBatches(train, 48, 0, 1, seed=3)
+    fresh.load_state_dict(dict(epoch=2, position=0))
+    assert np.array_equal(next(resumed)["inputs"], next(fresh)["inputs"]) and resumed.state_dict()["epoch"] == 2
     halves = [dataset.WindowBatches(train, 48, rank, 2, seed=3) for rank in (0, 1)]
     for batch in batches:
         parts = [next(h) for h in halves]
