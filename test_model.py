@@ -3415,6 +3415,26 @@ def test_resumed_run_reaches_the_same_weights(reverse_task, tmp_path, start_scri
         one_line_error(result.result(), message)
 
 
+def test_a_resume_takes_its_optimizer_settings_and_its_folder_from_the_command(reverse_task, tmp_path):
+    first = tmp_path / "first"
+    run_script("train.py", RESUME_ARGS + [f"--out_dir={first}", "--max_steps=10"], cwd=reverse_task)
+    # the run copied to where train.py looks by default, resumed there without --out_dir, with other betas and
+    # weight decays: its checkpoint, its log and its optimizers' settings are this command's
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data").symlink_to(os.path.join(reverse_task, "data"))
+    shutil.copytree(first, work / "out-sudoku")
+    run_script("train.py", ["--init_from=resume", "--max_steps=20", "--weight_decay=0.5", "--beta2=0.99",
+                            "--puzzle_emb_weight_decay=0.7"], cwd=work)
+    resumed = load_checkpoint(work / "out-sudoku")
+    assert resumed["iter_num"] == 20 and resumed["config"]["out_dir"] == "out-sudoku"
+    assert [l["step"] for l in read_eval_log(work / "out-sudoku")] == [10, 20]
+    assert [l["step"] for l in read_eval_log(first)] == [10] and load_checkpoint(first)["iter_num"] == 10
+    dense, = resumed["optimizer"]["param_groups"]
+    sparse, = resumed["sparse_optimizer"]["param_groups"]
+    assert dense["weight_decay"] == 0.5 and tuple(dense["betas"]) == (0.9, 0.99) and sparse["weight_decay"] == 0.7
+
+
 def test_a_kill_between_evaluation_and_checkpoint_leaves_no_duplicate_log_line(reverse_task, tmp_path):
     out = tmp_path / "out"
     run_script("train.py", RESUME_ARGS + [f"--out_dir={out}", "--max_steps=10"], cwd=reverse_task)

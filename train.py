@@ -115,7 +115,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 FIXED_KEYS = ('H_cycles', 'L_cycles', 'H_layers', 'L_layers', 'hidden_size', 'num_heads', 'expansion', 'pos_encodings',
               'mixer', 'puzzle_emb_ndim', 'loss_type', 'dataset', 'global_batch_size', 'optimizer', 'input_len',
               'horizon', 'ts_layout', 'ts_head', 'patch_len', 'ts_loss')  # what a resume cannot change
-MACHINE_KEYS = ('device', 'dtype', 'compile', 'backend')  # taken from this machine, not from the checkpoint
+# taken from this machine and command, never from the checkpoint (the run's folder may have been moved or copied)
+MACHINE_KEYS = ('device', 'dtype', 'compile', 'backend', 'out_dir')
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
 if init_from == 'resume':
@@ -257,9 +258,12 @@ ema = WeightEMA(raw_model, ema_decay) if ema_decay > 0 else None
 torch.manual_seed(seed + rank)  # halting exploration differs between processes
 carry = None
 if checkpoint is not None:
-    dense_optimizer.load_state_dict(checkpoint['optimizer'])
-    if sparse_optimizer:
-        sparse_optimizer.load_state_dict(checkpoint['sparse_optimizer'])
+    for opt, key in ((dense_optimizer, 'optimizer'), (sparse_optimizer, 'sparse_optimizer')):
+        if opt is not None:  # the moments from the checkpoint; betas and weight decay as this command sets them
+            settings = [{k: v for k, v in group.items() if k != 'params'} for group in opt.param_groups]
+            opt.load_state_dict(checkpoint[key])
+            for group, setting in zip(opt.param_groups, settings):
+                group.update(setting)
     train_batches.load_state_dict(checkpoint['loader'])
     if ema is not None:
         if checkpoint.get('ema') is None:
