@@ -3715,7 +3715,12 @@ BAD_TRAIN_INPUT = [
     (["--init_from=reference"], "reference_checkpoint='': must be a path with init_from='reference'"),
     (["--eval_only=True"], "eval_only=True: must be False with init_from='scratch' (untrained weights): --init_from=resume"),
     (["--eval_votes=4"], "eval_votes=4: voting over symmetries is for Sudoku, and data/reverse is an unnamed dataset"),
-]
+    (["--out_dir="], "out_dir='': must be a folder's path"),
+    (["--out_dir=data/reverse/train/dataset.json"], "out_dir='data/reverse/train/dataset.json': must be a folder's path"),
+    (["--out_dir=data/reverse/train/dataset.json/run"],
+     "out_dir='data/reverse/train/dataset.json/run': cannot be made a folder (Not a directory)"),
+] + ([(["--wandb_log=True"], "wandb_log=True: must be False without wandb (pip install wandb)")]
+     if importlib.util.find_spec("wandb") is None else [])
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import importlib.util
 import logging
 import math
 import os
@@ -149,7 +150,9 @@ _rules = [('global_batch_size', global_batch_size > 0, '> 0'), ('epochs', epochs
           ('eval_only', not eval_only or init_from != 'scratch',
            "False with init_from='scratch' (untrained weights): --init_from=resume evaluates out_dir's checkpoint"),
           ('dtype', dtype in ('float32', 'bfloat16', 'float16'), "'float32', 'bfloat16' or 'float16'"),
-          ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'")]
+          ('backend', backend in ('nccl', 'gloo'), "'nccl' or 'gloo'"),
+          ('out_dir', out_dir and not os.path.isfile(out_dir), "a folder's path (it names a file, or nothing)"),
+          ('wandb_log', not wandb_log or importlib.util.find_spec('wandb'), "False without wandb (pip install wandb)")]
 check_ranges(globals(), _rules)
 check_device(device)
 # what a budget reserves for the final evaluation, in evaluations: one, and with eval_votes as many again for each
@@ -286,7 +289,10 @@ if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None,
                 broadcast_buffers=False)
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"out_dir={out_dir!r}: cannot be made a folder ({e.strerror})") from None
     remove_stale_temp_files(out_dir, ('ckpt.pt', 'eval_log.jsonl', 'submission.json'))
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {described}; {stop_step:,} steps of "
           f"{global_batch_size} on {world_size} process(es), {device}, {dtype}")
