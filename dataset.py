@@ -94,6 +94,11 @@ class BadRows:
                 for category, n in sorted(self.counts.items())]
 
 
+def is_csv_header(line, column):
+    """Whether a file's first line is a CSV header with this column (its names quoted or not)."""
+    return column in [name.strip() for name in next(csv.reader([line]), [])]
+
+
 def read_csv(path, required, optional=(), bad=None, strip=True):
     """Rows of a CSV with a header line, as (line number, {column: text}) for the required and optional
     columns present; the text is stripped of surrounding spaces unless strip is False (where spaces are data:

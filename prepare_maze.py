@@ -46,7 +46,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import (BadRows, DataError, check_ranges, dataset_path, dihedral, download_once, exit_cleanly,
-                     human_bytes, metadata, puzzle_arrays, read_csv, resolve_input, write_atomically, write_dataset)
+                     human_bytes, is_csv_header, metadata, puzzle_arrays, read_csv, resolve_input, write_atomically,
+                     write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: 1,000 + 1,000 generated 30x30 mazes, as Maze-Hard's sizes
@@ -263,7 +264,7 @@ def read_mazes(source, side):
             lines = f.read().splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{source}: not UTF-8 text ({e.reason})") from None
-    if lines and "question" in [h.strip() for h in lines[0].split(",")]:
+    if lines and is_csv_header(lines[0], "question"):
         bad = BadRows(skip_bad=True)
         try:
             questions, answers, numbers = read_maze_csv(source, side, bad, need_answers=False)

@@ -57,7 +57,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, write_text_atomically
+from dataset import (BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, is_csv_header,
+                     write_text_atomically)
 from model import build_model, check_device, check_fp8, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -199,13 +200,14 @@ def sudoku(model, forward):
                 lines = f.read().splitlines()
         except UnicodeDecodeError as e:
             raise DataError(f"{puzzles}: not UTF-8 text ({e.reason})") from None
-        if lines and 'question' in [field.strip() for field in lines[0].split(',')]:  # a CSV: the builder's reader
+        if lines and is_csv_header(lines[0], 'question'):  # a CSV: the builder's reader
             bad = BadRows(skip_bad=True)
             try:
                 questions, answers, _, lines = ps.read_sudoku_csv(puzzles, bad=bad, need_answers=False)
             except DataError as e:
                 questions, answers, lines = [], None, []
                 print(f"sample.py: {e}")
+                errors += 1
             entries += [(f"{puzzles} line {line}", q, None if answers is None else answers[i])
                         for i, (line, q) in enumerate(zip(lines, questions))]
             for line in bad.report():
@@ -221,8 +223,8 @@ def sudoku(model, forward):
                     errors += 1
     entries = entries[:max_puzzles] if max_puzzles > 0 else entries
     if not entries:
-        raise DataError(f"no puzzle could be read ({errors} had errors)" if errors else
-                        "give --puzzle=<81 characters> or --puzzles=<file>")
+        raise DataError(f"no puzzle could be read ({errors} had errors)" if errors else f"{puzzles}: no puzzles in it"
+                        if puzzles else "give --puzzle=<81 characters> or --puzzles=<file>")
     questions = np.stack([q for _, q, _ in entries])
     if votes > 1:
         voted, alone, agree, segments = vote_over_symmetries(model, forward, questions)
@@ -261,7 +263,7 @@ def solve_mazes(model, forward):
         print(f"sample.py: {error}")
     entries = entries[:max_puzzles] if max_puzzles > 0 else entries
     if not entries:
-        raise DataError(f"no maze could be read ({unread} had errors)")
+        raise DataError(f"no maze could be read ({unread} had errors)" if unread else f"{maze}: no mazes in it")
     colour = sys.stdout.isatty() and not os.environ.get('NO_COLOR')
     tokens, q_halt, segments = run(model, forward, np.stack([q for _, q, _ in entries]))
     problems = [pm.maze_problem(question, tokens[-1, i], side) for i, (_, question, _) in enumerate(entries)]

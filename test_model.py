@@ -2290,6 +2290,8 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path, start_script
     no_start = start_script("sample.py", [f"--out_dir={out}", "--maze=" + text.replace("S", " ")], cwd=tmp_path,
                             check=False)
     voted = start_script("sample.py", [f"--out_dir={out}", f"--maze={text}", "--votes=4"], cwd=tmp_path, check=False)
+    (tmp_path / "empty.txt").write_text("")
+    empty = start_script("sample.py", [f"--out_dir={out}", "--maze=empty.txt"], cwd=tmp_path, check=False)
     result = shown.result()
     lines = result.stdout.splitlines()
     assert f"sample.py: {mazes} line 11: question has 1 S and 0 G, expected one of each" in lines
@@ -2305,6 +2307,7 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path, start_script
     assert re.search(r"^exact accuracy against the given answers: \d+/12 = ", scored.stdout, re.M)
     one_line_error(no_start.result(), "no maze could be read (1 had errors)")
     one_line_error(voted.result(), "votes=4: voting over symmetries is for Sudoku, and this is a maze model")
+    one_line_error(empty.result(), "empty.txt: no mazes in it")
 
 
 # -----------------------------------------------------------------------------
@@ -3918,6 +3921,20 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     assert nothing.returncode != 0 and "no puzzle could be read (1 had errors)" in nothing.stderr
     one_line_error(batch_size.result(), "batch_size must be >= 1")
     one_line_error(missing.result(), "missing.txt: no such file")
+
+    # a CSV whose header is quoted is still a CSV; a file with no puzzles says so
+    quoted = tmp_path / "quoted.csv"
+    with open(quoted, "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows([HEADER] + [[row[c] for c in HEADER] for row in rows[:2]])
+    (tmp_path / "blank.txt").write_text("\n\n")
+    write_csv(tmp_path / "header.csv", [])
+    runs = [start_script("sample.py", [f"--out_dir={out}", f"--puzzles={name}", "--quiet=True"], cwd=tmp_path,
+                         check=False) for name in ("quoted.csv", "blank.txt", "header.csv")]
+    assert "exact accuracy against the given answers: " in runs[0].result().stdout
+    one_line_error(runs[1].result(), "blank.txt: no puzzles in it")
+    header_only = runs[2].result()
+    assert "sample.py: header.csv: no usable puzzles" in header_only.stdout
+    one_line_error(header_only, "no puzzle could be read (1 had errors)")
 
 
 # -----------------------------------------------------------------------------
