@@ -17,7 +17,6 @@ import contextlib
 import importlib
 import importlib.util
 import json
-import importlib.util
 import logging
 import math
 import os
