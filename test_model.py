@@ -3817,6 +3817,22 @@ def test_the_final_evaluation_votes_over_symmetries(sudoku_copy_task, tmp_path, 
     for key in one.keys() - {"minutes"}:
         assert one[key] == final[key] and two[key] == pytest.approx(one[key], abs=1e-5), key
 
+def test_the_originals_sudoku_data_votes_too(sudoku_copy_task, tmp_path):
+    # the original's dataset.json names no task: 81 cells are Sudoku, for train.py's vote as for sample.py
+    root = tmp_path / "root"
+    shutil.copytree(sudoku_copy_task / "data" / "copy", root / "data" / "copy")
+    for split in ("train", "test"):
+        path = root / "data" / "copy" / split / "dataset.json"
+        meta = json.loads(path.read_text())
+        del meta["task"]
+        path.write_text(json.dumps(meta))
+    run_script("train.py", ["--dataset=copy", f"--out_dir={tmp_path / 'out'}", "--global_batch_size=8",
+                            "--puzzle_emb_ndim=0", "--halt_max_steps=2", "--max_steps=2", "--eval_interval=100",
+                            "--eval_max_examples=8", "--eval_votes=2"] + TINY_MODEL, cwd=root)
+    assert "voted_exact_accuracy" in read_eval_log(tmp_path / "out")[-1]
+    assert load_checkpoint(tmp_path / "out")["task"] == "sudoku"
+
+
 def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     # each group of sample.py's runs is started together, then checked in order
     puzzle = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"

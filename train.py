@@ -204,15 +204,18 @@ else:  # puzzles: examples in train/ and test/
                       loss_type=loss_type)
     examples_per_epoch = train_data.num_groups * meta['mean_puzzle_examples']
     described = f"{train_data.num_examples:,} training examples in {train_data.num_groups:,} groups"
-task_evaluate = task_vote = None  # the task's own metrics, from prepare_<task>.py when the dataset names its task
-if meta.get('task'):
-    if importlib.util.find_spec(f"prepare_{meta['task']}") is None:
-        raise DataError(f"{data_dir} was built for task {meta['task']!r}, but there is no prepare_{meta['task']}.py")
-    task_module = importlib.import_module(f"prepare_{meta['task']}")
+# the task's own metrics, from prepare_<task>.py; the original's Sudoku data names no task, its 81 cells do (as
+# sample.py reads a checkpoint)
+task = meta.get('task') or ('sudoku' if meta.get('seq_len') == 81 else None)
+task_evaluate = task_vote = None
+if task:
+    if importlib.util.find_spec(f"prepare_{task}") is None:
+        raise DataError(f"{data_dir} was built for task {task!r}, but there is no prepare_{task}.py")
+    task_module = importlib.import_module(f"prepare_{task}")
     task_evaluate, task_vote = getattr(task_module, 'evaluate', None), getattr(task_module, 'evaluate_votes', None)
 if eval_votes > 1 and task_vote is None:
     raise DataError(f"eval_votes={eval_votes}: voting over symmetries is for Sudoku, and {data_dir} is "
-                    f"{'a ' + meta['task'] if meta.get('task') else 'an unnamed'} dataset")
+                    f"{'a ' + task if task else 'an unnamed'} dataset")
 total_steps = max(1, int(epochs * examples_per_epoch / global_batch_size))  # lr schedule
 stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
 model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_layers=L_layers, hidden_size=hidden_size,
@@ -355,7 +358,7 @@ def save_checkpoint():
         dist.all_gather_object(rngs, rng)
     if master_process:
         checkpoint = dict(model=raw_model.state_dict(), model_args=model_args, config=config, iter_num=iter_num,
-                          task=meta.get('task'),
+                          task=task,
                           optimizer=dense_optimizer.state_dict(),
                           sparse_optimizer=sparse_optimizer.state_dict() if sparse_optimizer else None,
                           loader=train_batches.state_dict(), carry=saved_carry, rng=rngs, world_size=world_size,
