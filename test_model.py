@@ -3513,9 +3513,14 @@ def test_evaluation_at_more_segments_leaves_training_at_its_own(reverse_task, tm
 def test_a_budgeted_resume_keeps_max_steps(reverse_task, tmp_path, start_script):
     out = tmp_path / "out"
     args = RESUME_ARGS + [f"--out_dir={out}", "--epochs=1000", "--max_steps=30", "--eval_interval=100000"]
-    # (its 30 steps end inside a warmup of 40, which the fit says)
+    # (its 30 steps end inside a warmup of 40, which the fit says; a warmup of 30 ends at the last step, at the peak)
+    at_peak = start_script("train.py", RESUME_ARGS + [f"--out_dir={tmp_path / 'peak'}", "--epochs=1000",
+                                                      "--max_steps=30", "--eval_interval=100000", "--max_minutes=5",
+                                                      "--warmup_steps=30", "--log_interval=1"], cwd=reverse_task)
     first = run_script("train.py", args + ["--max_minutes=5", "--warmup_steps=40"], cwd=reverse_task)
     assert "the run ends at step 30, inside its warmup of 40 steps: the lr never reaches its peak" in first.stdout
+    at_peak = at_peak.result().stdout
+    assert "the run ends at step 30, where the lr schedule ends" in at_peak and ", lr 1.00e-03, " in at_peak
     assert load_checkpoint(out)["iter_num"] == 30
     # resumed with a longer budget alone, the run has nothing to do (tried on a copy of it, side by side with the
     # resume below); with more steps too, it goes on to them

@@ -602,7 +602,7 @@ while iter_num < stop_step:
             progress.total = stop_step
             if master_process and iter_num == fit_step:
                 voting = f" (the final one, voting, up to {final_eval_seconds():.0f} s)" if eval_votes > 1 else ""
-                schedule = "where the lr schedule ends" if stop_step > warmup_steps else \
+                schedule = "where the lr schedule ends" if stop_step >= warmup_steps else \
                     f"inside its warmup of {warmup_steps:,} steps: the lr never reaches its peak (lower --warmup_steps)"
                 tqdm.write(f"max_minutes={max_minutes}: at {dt * 1000:.1f} ms/step and {eval_seconds:.1f} s per "
                            f"evaluation{voting} the run ends at step {stop_step:,}, {schedule}")
