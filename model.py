@@ -128,7 +128,7 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden_size, expansion):
         super().__init__()
         # 2/3 of expansion * hidden keeps the parameter count of a plain MLP; rounded up to a multiple of 256
-        inter = 256 * math.ceil(round(expansion * hidden_size * 2 / 3) / 256)
+        inter = 256 * max(1, math.ceil(round(expansion * hidden_size * 2 / 3) / 256))
         self.gate_up_proj = CastedLinear(hidden_size, 2 * inter, bias=False)
         self.down_proj = CastedLinear(inter, hidden_size, bias=False)
 
@@ -264,7 +264,8 @@ class HRMConfig:
     def rules(self):
         """(field, ok, what it must be) for every field."""
         return [
-            ("vocab_size", self.vocab_size >= 1, ">= 1"), ("seq_len", self.seq_len >= 1, ">= 1"),
+            ("vocab_size", 1 <= self.vocab_size <= 256, "in [1, 256] (tokens are stored as bytes)"),
+            ("seq_len", self.seq_len >= 1, ">= 1"),
             ("puzzle_emb_ndim", self.puzzle_emb_ndim >= 0, ">= 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
             ("num_puzzle_identifiers", self.num_puzzle_identifiers >= 1, ">= 1"),
             ("H_cycles", self.H_cycles >= 1, ">= 1"), ("L_cycles", self.L_cycles >= 1, ">= 1"),
@@ -279,6 +280,7 @@ class HRMConfig:
             ("halt_max_steps", self.halt_max_steps >= 1, ">= 1"),
             ("halt_exploration_prob", 0 <= self.halt_exploration_prob <= 1, "in [0, 1]"),
             ("forward_dtype", self.forward_dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+            ("rms_norm_eps", self.rms_norm_eps > 0, "> 0"), ("rope_theta", self.rope_theta > 0, "> 0"),
             ("loss_type", self.loss_type in LOSSES, f"one of {sorted(LOSSES)}")]
 
     @property
@@ -429,8 +431,10 @@ class HRM(nn.Module):
         """
         config = self.config
         halted = carry.halted
-        z_H = torch.where(halted.view(-1, 1, 1), self.H_init, carry.z_H)
-        z_L = torch.where(halted.view(-1, 1, 1), self.L_init, carry.z_L)
+        # (a carry saved in another dtype, resumed on another machine, takes this model's: torch.where would
+        # promote the whole recurrence to the wider of the two)
+        z_H = torch.where(halted.view(-1, 1, 1), self.H_init, carry.z_H.to(self.H_init.dtype))
+        z_L = torch.where(halted.view(-1, 1, 1), self.L_init, carry.z_L.to(self.L_init.dtype))
         steps = torch.where(halted, 0, carry.steps)
         data = {k: torch.where(halted.view((-1,) + (1,) * (v.ndim - 1)), batch[k], v)
                 for k, v in carry.current_data.items()}
@@ -589,7 +593,7 @@ class HRM(nn.Module):
             dense = torch.optim.AdamW(params, lr=learning_rate, betas=betas, weight_decay=weight_decay,
                                       fused=params[0].is_cuda)
         sparse = None
-        if self.config.puzzle_emb_ndim > 0:
+        if hasattr(self, "puzzle_emb"):  # a forecaster has none, whatever its config's puzzle_emb_ndim
             sparse = PuzzleEmbeddingSignSGD(self.puzzle_emb, lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay)
         return dense, sparse
 

@@ -54,7 +54,7 @@ import prepare_timeseries as pt  # noqa: E402
 from model import (HRM, HRMConfig, IGNORE_LABEL_ID, AdamAtan2, PuzzleEmbeddingSignSGD, RotaryEmbedding, WeightEMA,  # noqa: E402
                    config_from_reference, convert_reference_state_dict, load_reference_checkpoint, softmax_cross_entropy,
                    stablemax_cross_entropy)
-from model import ForecastConfig, build_model, check_fp8, fp8_linear  # noqa: E402
+from model import Carry, ForecastConfig, build_model, check_fp8, fp8_linear  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FIXTURE = os.path.join(HERE, "..", "shared", "fixtures", "hrm_reference_small.pt")
@@ -527,6 +527,41 @@ def test_grad_L_steps_backpropagates_through_that_many_final_L_steps():
     assert not torch.allclose(grads[1], grads[3], rtol=1e-3)
     with pytest.raises(ValueError, match=r"grad_L_steps=4: must be in \[1, L_cycles=3\]"):
         tiny_config(grad_L_steps=4)
+
+
+def test_config_edges_are_refused_or_run():
+    # what cannot work is refused where the config is built; a tiny MLP width runs at the 256 floor
+    for field, value, message in (("vocab_size", 300, r"vocab_size=300: must be in \[1, 256\]"),
+                                  ("rope_theta", 0.0, "rope_theta=0.0: must be > 0"),
+                                  ("rms_norm_eps", -1e-5, "rms_norm_eps=-1e-05: must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            tiny_config(**{field: value})
+    for config in (tiny_config(hidden_size=2, num_heads=1, expansion=0.1),
+                   tiny_config(mixer="mlp", pos_encodings="none", seq_len=1, puzzle_emb_ndim=0, expansion=0.5)):
+        model = HRM(config)
+        assert model.L_level.layers[0].mlp.down_proj.in_features == 256
+        batch = random_batch(config)
+        assert torch.isfinite(model(model.initial_carry(batch), batch)[1])
+    # a forecaster has no puzzle embedding to optimize, whatever puzzle_emb_ndim says
+    forecaster = build_model(dataclasses.asdict(forecast_config(puzzle_emb_ndim=16)))
+    dense, sparse = forecaster.configure_optimizers(1e-3, 0.1, (0.9, 0.95), 1e-2, 0.1)
+    assert sparse is None
+
+
+def test_a_carry_saved_in_another_dtype_takes_the_models():
+    # a run saved in float32 (a CPU) and resumed in bfloat16 (a GPU): the recurrence is bfloat16 from the first
+    # segment on; torch.where alone would promote it, and everything after it, to float32 for good
+    config = tiny_config()
+    batch = random_batch(config)
+    torch.manual_seed(0)
+    saved = HRM(config).train()
+    carry, *_ = saved(saved.initial_carry(batch), batch)
+    resumed = HRM(dataclasses.replace(config, forward_dtype="bfloat16")).train()
+    resumed.load_state_dict(saved.state_dict())
+    carry = Carry.from_state_dict(carry.state_dict())
+    for _ in range(3):
+        carry, loss, _, outputs = resumed(carry, batch)
+        assert carry.z_H.dtype == carry.z_L.dtype == outputs["logits"].dtype == torch.bfloat16
 
 
 def test_rope_needs_an_even_head_size():
