@@ -61,7 +61,8 @@ config_keys = [k for k in globals() if k not in _not_config and not k.startswith
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune-no-cudagraphs', 'max-autotune')
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 check_ranges(globals(), [('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"),
-                         ('dtype', dtype in ('bfloat16', 'float16'), "'bfloat16' or 'float16'"),
+                         ('dtype', dtype in ('bfloat16', 'float16') and (device == 'cuda' or dtype == 'float16'),
+                          "'bfloat16' or 'float16' (on the CPU 'float16': Triton's interpreter gets bfloat16 wrong)"),
                          ('step', step in ('sudoku', 'maze', 'both', 'none'), "'sudoku', 'maze', 'both' or 'none'"),
                          ('batch_size', batch_size >= 0, '>= 0'),
                          ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1'),

@@ -484,6 +484,12 @@ def _log_choice(msg):
     comptime(_log_traced_choice, lambda: _log_once(msg))
 
 
+def _interpreter_dtype(x):
+    """Why a call off CUDA (Triton's interpreter) cannot take the kernels, or '': it computes bfloat16 wrongly."""
+    return "bfloat16 off CUDA: Triton's interpreter computes it wrongly" if not x.is_cuda and \
+        x.dtype == torch.bfloat16 else ""
+
+
 def _pick(x, unsupported):
     """(use_triton, reason) for a call on tensor x; unsupported is why the kernel cannot take this call, or ''."""
     if _use_flash is False:
@@ -520,6 +526,8 @@ def attention(q, k, v, cos=None, sin=None):
         unsupported = f"head_dim {D} not in {FLASH_HEAD_DIMS}"
     elif q.is_cuda and q.dtype not in FLASH_DTYPES:
         unsupported = f"dtype {q.dtype} on CUDA, not one of {FLASH_DTYPES}"
+    else:
+        unsupported = _interpreter_dtype(q)
     use, reason = _pick(q, unsupported)
     if not use:
         _log_choice(f"attention: PyTorch SDPA ({reason})")
@@ -533,7 +541,7 @@ def attention(q, k, v, cos=None, sin=None):
 
 
 def add_rms_norm(x, y, eps):
-    use, reason = _pick(x, "")
+    use, reason = _pick(x, _interpreter_dtype(x))
     _log_choice(f"add_rms_norm: {'triton kernel' if use else 'PyTorch'} ({reason})")
     if use:
         return add_rms_norm_triton(x, y, eps)

@@ -1072,6 +1072,19 @@ def test_backend_unsupported_head_dim_falls_back(fresh_switch, caplog):
     assert any("head_dim 48" in m for m in records(caplog))
 
 
+@needs_triton
+def test_backend_bfloat16_off_cuda_falls_back(fresh_switch, caplog):
+    # Triton's interpreter computes bfloat16 wrongly: forced on, CPU tensors of it still take PyTorch
+    caplog.set_level(logging.INFO, logger="hrm.attn")
+    kernels.set_use_flash(True)
+    q, k, v, cos, sin = attn_inputs(device="cpu", dtype=torch.bfloat16)
+    assert torch.equal(kernels.attention(q, k, v, cos, sin), kernels.attention_reference(q, k, v, cos, sin))
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    assert torch.equal(kernels.add_rms_norm(x, x, 1e-5), kernels.add_rms_norm_reference(x, x, 1e-5))
+    assert records(caplog) == ["attention: PyTorch SDPA (bfloat16 off CUDA: Triton's interpreter computes it wrongly)",
+                               "add_rms_norm: PyTorch (bfloat16 off CUDA: Triton's interpreter computes it wrongly)"]
+
+
 def test_backend_forced_off(fresh_switch, caplog):
     caplog.set_level(logging.INFO, logger="hrm.attn")
     kernels.set_use_flash(False)
@@ -3729,6 +3742,9 @@ def test_bench_dry_run_of_the_cuda_graph_mode_copies_the_carry_between_steps(tmp
     assert "batch 3, 19 tokens" in out  # the dry run's Sudoku shape is 2 x 20; batch_size sets its batch
     loss = float(re.search(r"pytorch: warm-up incl. compile \d+ s, loss ([\d.]+)", out).group(1))
     assert 0 < loss < 10 and re.search(r"sudoku step, pytorch *: median +[\d.]+ ms", out)
+    # bfloat16, the GPU's default, is refused on the CPU (the interpreter's bfloat16 would compare garbage)
+    one_line_error(run_script("bench.py", ["--device=cpu"], cwd=tmp_path, check=False),
+                   "dtype='bfloat16': must be 'bfloat16' or 'float16' (on the CPU 'float16'")
 
 
 def test_every_recipe_in_config_is_accepted(tmp_path):
