@@ -1,7 +1,7 @@
 # The HRM paper's Maze-Hard recipe: 1,000 30x30 mazes whose shortest path takes more than 110 steps, the
 # 27M-parameter model of train.py's defaults, its optimizers at lr 1e-4 and weight decay 1.0 for the weights
-# and the puzzle embedding, up to 16 ACT segments, 20,000 epochs (all train.py's defaults: only the data,
-# the batch and the evaluation interval are set here). Build the data with `python prepare_maze.py`
+# and the puzzle embedding, up to 16 ACT segments (train.py's defaults), 20,000 epochs of batch 384 (set here
+# with the data, the evaluation interval and out_dir). Build the data with `python prepare_maze.py`
 # (generated, offline; or `--source=hf` for the original's mazes, then add --dataset=maze-30x30-hard-1k), then
 # `python train.py config/maze.py`. On 8 GPUs, as the paper:
 # torchrun --standalone --nproc_per_node=8 train.py config/maze.py --global_batch_size=768

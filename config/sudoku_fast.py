@@ -34,8 +34,8 @@ What it changes from config/sudoku.py (the paper's recipe), and why:
 - From TRM: grad_L_steps=2, the gradient through the whole last H cycle (both its L steps, not only the
   last), and mixer='mlp' with pos_encodings='none', a SwiGLU across the 82 positions in attention's place.
   Together (not measured apart): 15.5% against 12.1% at 32 adaptive segments, 12.2% against 9.4% at 16,
-  although a step took 38.8 ms instead of 28.0 and the run made 27,285 steps instead of 36,787 (33.9 ms and
-  29,100 since the mixer pads its positions to a multiple of 8 for cuBLAS's Hopper kernels). The
+  although a step took 38.8 ms instead of 28.0 and the run made 27,285 steps instead of 36,787 (33.9 ms a step
+  since the mixer pads its positions to a multiple of 8 for cuBLAS's Hopper kernels). The
   mixer now starts at zero (model.py), which on a CPU at a small scale took away a plateau at uniform
   digits that cost that run its first 2,500 steps; with it (seed 1, before the padding) token accuracy
   was 63% at step 700, and the run ended at 25.2% (15.5% for seed 0 before the zero start).
