@@ -94,6 +94,12 @@ class BadRows:
                 for category, n in sorted(self.counts.items())]
 
 
+def task_of(named, seq_len):
+    """The task a dataset (or a checkpoint) names; the original's name none, and its Sudoku is known by its 81
+    cells."""
+    return named or ("sudoku" if seq_len == 81 else None)
+
+
 def is_csv_header(line, column):
     """Whether a file's first line is a CSV header with this column (its names quoted or not)."""
     return column in [name.strip() for name in next(csv.reader([line]), [])]

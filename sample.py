@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import (BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, is_csv_header,
+from dataset import (BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, is_csv_header, task_of,
                      write_text_atomically)
 from model import build_model, check_device, check_fp8, load_checkpoint
 
@@ -118,8 +118,7 @@ def load_model():
         halt_adaptive = checkpoint['model_args'].get('halt_adaptive', False) and not show_steps
     model.config.halt_adaptive = halt_adaptive
     model.to(device).eval()
-    # a dataset built by the original code names no task: its Sudoku is recognised by its shape
-    task = checkpoint.get('task') or ('sudoku' if checkpoint['model_args'].get('seq_len') == 81 else None)
+    task = task_of(checkpoint.get('task'), checkpoint['model_args'].get('seq_len'))
     if task not in TASKS:
         raise DataError(f"{out_dir}/ckpt.pt was trained on a {task or 'unnamed'} dataset; sample.py runs models of "
                         f"the tasks {', '.join(TASKS)}")

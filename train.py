@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from dataset import (IGNORE_LABEL_ID, DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows,
-                     check_ranges, eval_batches, exit_cleanly, remove_stale_temp_files, write_atomically,
+                     check_ranges, eval_batches, exit_cleanly, remove_stale_temp_files, task_of, write_atomically,
                      write_text_atomically)
 from model import (Carry, WeightEMA, build_model, check_device, check_fp8, load_checkpoint,
                    load_reference_checkpoint)
@@ -204,10 +204,8 @@ else:  # puzzles: examples in train/ and test/
                       loss_type=loss_type)
     examples_per_epoch = train_data.num_groups * meta['mean_puzzle_examples']
     described = f"{train_data.num_examples:,} training examples in {train_data.num_groups:,} groups"
-# the task's own metrics, from prepare_<task>.py; the original's Sudoku data names no task, its 81 cells do (as
-# sample.py reads a checkpoint)
-task = meta.get('task') or ('sudoku' if meta.get('seq_len') == 81 else None)
-task_evaluate = task_vote = None
+task = task_of(meta.get('task'), meta.get('seq_len'))
+task_evaluate = task_vote = None  # the task's own metrics, from prepare_<task>.py
 if task:
     if importlib.util.find_spec(f"prepare_{task}") is None:
         raise DataError(f"{data_dir} was built for task {task!r}, but there is no prepare_{task}.py")
