@@ -1,8 +1,11 @@
 """
-Benchmark of the kernels on HRM's shapes, for three backends side by side:
+Benchmark of the kernels on HRM's shapes, for the backends side by side:
 
-    hopper     kernels_hopper's tuned paths (kernels.attention's choice on a Hopper GPU at head_dim 64)
-    reference  the Triton kernels of kernels.py (kernels.set_use_hopper(False))
+    hopper     kernels_hopper's tuned attention and kernels_matmul's fused SwiGLU (kernels.py's choices on a
+               Hopper GPU at head_dim 64)
+    unfused    the tuned attention, the SwiGLU apart from its matmul (kernels.set_use_fused_matmuls(False));
+               timed only when step_backends names it
+    reference  the Triton kernels of kernels.py (kernels.set_use_hopper(False), no fused matmuls)
     pytorch    RoPE + SDPA and add + RMSNorm in PyTorch, fused by Inductor (kernels.set_use_flash(False))
 
 In the order it runs:
@@ -23,6 +26,7 @@ In the order it runs:
     python bench.py --batch_size=96 --check=False --ops=False  # one GPU's share of an 8-GPU batch of 768
     python bench.py --compile_mode=reduce-overhead --check=False --ops=False   # the step in CUDA graphs
     python bench.py --compile_mode=max-autotune-no-cudagraphs --step_backends=hopper --check=False --ops=False
+    python bench.py --step_backends=hopper,unfused --check=False --ops=False  # what the fused SwiGLU saves
     python bench.py --act_continue=False --grad_L_steps=2 --mixer=mlp --check=False --ops=False  # sudoku_fast's step
     python bench.py --profile=True --step_backends=hopper --check=False --ops=False   # where the step's time goes
     python bench.py --device=cpu --dtype=float16               # dry run: interpreter, tiny shapes
@@ -47,7 +51,8 @@ batch_size = 0              # the step's batch; 0 = the shape's (Sudoku 384, Maz
 windows = 5                 # timed windows per backend, the backends taking turns
 steps_per_window = 10
 fp8 = False                 # also time the step with HRMConfig.fp8 (the blocks' no-grad matmuls in FP8)
-step_backends = 'hopper,reference,pytorch'  # whose training step is timed (the first is also FP8's and profiled)
+step_backends = 'hopper,reference,pytorch'  # whose training step is timed, 'unfused' too if named (the first
+                                            # is also FP8's and profiled)
 compile_mode = 'default'    # torch.compile's mode for the step: 'default', 'reduce-overhead' (CUDA graphs),
                             # 'max-autotune-no-cudagraphs' (Triton matmul templates timed against cuBLAS, the
                             # element-wise neighbours fused into them; compiles for minutes) or 'max-autotune' (both)
@@ -67,8 +72,9 @@ check_ranges(globals(), [('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"
                          ('batch_size', batch_size >= 0, '>= 0'),
                          ('windows', windows >= 1, '>= 1'), ('steps_per_window', steps_per_window >= 1, '>= 1'),
                          ('compile_mode', compile_mode in COMPILE_MODES, ' or '.join(map(repr, COMPILE_MODES))),
-                         ('step_backends', set(step_backends.split(',')) <= {'hopper', 'reference', 'pytorch'},
-                          "a comma-separated list of 'hopper', 'reference' and 'pytorch'"),
+                         ('step_backends', set(step_backends.split(',')) <= {'hopper', 'unfused', 'reference',
+                                                                              'pytorch'},
+                          "a comma-separated list of 'hopper', 'unfused', 'reference' and 'pytorch'"),
                          ('grad_L_steps', grad_L_steps in (1, 2), "1 or 2 (the step's L_cycles is 2)"),
                          ('mixer', mixer in ('attention', 'mlp'), "'attention' or 'mlp'"),
                          ('profile', not profile or step != 'none', "False with step='none' (no step to profile)")])
@@ -100,13 +106,15 @@ n_head, head_dim, hidden = (2, 64, 128) if tiny else (8, 64, 512)
 SHAPES = {"sudoku": (384, 82), "maze": (96, 900)} if not tiny else {"sudoku": (2, 20), "maze": (1, 150)}
 # the tuned paths run on a Hopper GPU (and under the interpreter); elsewhere the table has no row for them
 has_hopper = kernels.kernels_hopper is not None and (tiny or torch.cuda.get_device_capability()[0] == 9)
-BACKENDS = {"hopper": (True, True), "reference": (True, False), "pytorch": (False, True)}  # set_use_flash, _hopper
+# set_use_flash, set_use_hopper, set_use_fused_matmuls
+BACKENDS = {"hopper": (True, True, True), "unfused": (True, True, False), "reference": (True, False, False),
+            "pytorch": (False, True, True)}
 if not has_hopper:
-    del BACKENDS["hopper"]
+    del BACKENDS["hopper"], BACKENDS["unfused"]
 # the training step's variants: each backend asked for, and with fp8 the first one's step with FP8 matmuls
 # (the model takes the tuned paths on a Hopper GPU only: on the CPU its hopper step would be the reference one)
 STEP_VARIANTS = {name: (name, False) for name in step_backends.split(',') if name in BACKENDS
-                 and not (tiny and name == 'hopper')}
+                 and not (tiny and name in ('hopper', 'unfused'))}
 if step != 'none' and not STEP_VARIANTS:
     raise DataError(f"step_backends={step_backends!r}: the tuned paths run on a Hopper GPU only; add 'reference' "
                     f"or 'pytorch'")
@@ -117,6 +125,7 @@ if fp8 and STEP_VARIANTS:
 def use_backend(name):
     kernels.set_use_flash(BACKENDS[name][0])
     kernels.set_use_hopper(BACKENDS[name][1])
+    kernels.set_use_fused_matmuls(BACKENDS[name][2])
 
 
 def sync():
@@ -208,6 +217,7 @@ def time_train_steps(shape):
             times[name].append((time.perf_counter() - t0) * 1e3 / steps_per_window)
     kernels.set_use_flash(None)
     kernels.set_use_hopper(True)
+    kernels.set_use_fused_matmuls(True)
     if counters["stats"]["unique_graphs"] != graphs:
         print("WARNING: recompiled while timing; the figures include compilation")
     breaks = sum(counters["graph_break"].values())
@@ -220,6 +230,9 @@ def time_train_steps(shape):
     if {'hopper', 'reference'} <= median.keys():
         print(f"{shape} step: the tuned paths take {median['hopper'] - median['reference']:+.2f} ms "
               f"({median['reference'] / median['hopper']:.3f}x) against the reference kernels")
+    if {'hopper', 'unfused'} <= median.keys():
+        print(f"{shape} step: the fused SwiGLU takes {median['hopper'] - median['unfused']:+.2f} ms "
+              f"({median['unfused'] / median['hopper']:.3f}x) against its matmul apart")
     if fp8:
         exact = STEP_VARIANTS['fp8'][0]
         print(f"{shape} step: FP8 no-grad matmuls take {median['fp8'] - median[exact]:+.2f} ms "

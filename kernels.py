@@ -5,11 +5,17 @@ PyTorch reference:
     attention(q, k, v, cos, sin)   softmax(rope(q) rope(k)^T / sqrt(D)) v for every (batch, head), non-causal
     add_rms_norm(x, y, eps)        rms_norm(x + y): the residual add and weightless RMSNorm of a post-norm block
 
-model.py calls only these two. Each picks a backend (bottom of this file): the Triton kernels for CUDA
-tensors when triton imports, PyTorch otherwise; set_use_flash(True / False / None) forces the kernels,
-forces PyTorch, or goes back to that automatic choice. On a Hopper GPU the attention runs the tuned
-paths of kernels_hopper.py, which compute the same thing faster at HRM's shapes; set_use_hopper(False)
-keeps to the kernels of this file. Each distinct choice is logged once on the logger "hrm.attn".
+and a third entry point whose kernel lives in kernels_matmul.py, for Hopper GPUs only:
+
+    linear_swiglu(x, w)            silu(x w_gate^T) * (x w_up^T): the MLP's matmul with SwiGLU fused after it
+
+model.py calls only these (and swiglu, the PyTorch SwiGLU). Each picks a backend (bottom of this file): the
+Triton kernels for CUDA tensors when triton imports, PyTorch otherwise; set_use_flash(True / False / None)
+forces the kernels, forces PyTorch, or goes back to that automatic choice. On a Hopper GPU the attention
+runs the tuned paths of kernels_hopper.py, which compute the same thing faster at HRM's shapes;
+set_use_hopper(False) keeps to the kernels of this file. linear_swiglu fuses only where no gradient flows;
+set_use_fused_matmuls(False) keeps its matmul apart. Each distinct choice is logged once on the logger
+"hrm.attn".
 
 Attention forward. Per (batch, head), q, k, v are (T, D) and scale = 1 / sqrt(D):
 
@@ -435,11 +441,18 @@ if triton is not None:
         _hopper_missing = ""
     except ImportError as e:  # e.g. a Triton without host-side TMA descriptors
         kernels_hopper, _hopper_missing = None, f"kernels_hopper does not import: {e}"
+    try:
+        import kernels_matmul
+        _matmul_missing = ""
+    except ImportError as e:
+        kernels_matmul, _matmul_missing = None, f"kernels_matmul does not import: {e}"
 else:
     kernels_hopper, _hopper_missing = None, "triton is not installed"
+    kernels_matmul, _matmul_missing = None, "triton is not installed"
 
 _use_flash = None  # None: automatic; True / False: forced by set_use_flash
 _use_hopper = True  # set_use_hopper
+_use_fused_matmuls = True  # set_use_fused_matmuls
 _logged = set()
 
 
@@ -458,6 +471,14 @@ def set_use_hopper(flag):
     global _use_hopper
     assert flag in (True, False)
     _use_hopper = flag
+
+
+def set_use_fused_matmuls(flag):
+    """True (default): linear_swiglu takes kernels_matmul's fused kernel where it runs (Hopper GPUs, no
+    gradient); False: the matmul and the element-wise work apart. Read at trace time too."""
+    global _use_fused_matmuls
+    assert flag in (True, False)
+    _use_fused_matmuls = flag
 
 
 def _log_once(msg):
@@ -519,6 +540,21 @@ def _why_not_hopper(q):
     return ""
 
 
+def _why_not_fused(x, n_out):
+    """'' where kernels_matmul could take the product of x (..., K) with a weight of n_out rows, else why not.
+    Its kernel was written and measured for Hopper GPUs (TMA descriptors)."""
+    if not _use_fused_matmuls:
+        return "fused matmuls off by set_use_fused_matmuls(False)"
+    if kernels_matmul is None:
+        return _matmul_missing
+    if x.is_cuda and torch.cuda.get_device_properties(x.device).major != 9:
+        return "fused matmuls need a Hopper GPU"
+    if x.is_cuda and x.dtype not in FLASH_DTYPES:
+        return f"dtype {x.dtype} on CUDA, not one of {FLASH_DTYPES}"
+    if x.shape[-1] % 8 or n_out % 8:
+        return "sizes not multiples of 8 (TMA needs rows of 16 bytes)"
+    return _interpreter_dtype(x)
+
 def attention(q, k, v, cos=None, sin=None):
     D = q.shape[-1]
     unsupported = ""
@@ -546,3 +582,23 @@ def add_rms_norm(x, y, eps):
     if use:
         return add_rms_norm_triton(x, y, eps)
     return add_rms_norm_reference(x, y, eps)
+
+
+def swiglu(gate_up):
+    """silu(gate) * up, gate and up the two halves of the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def linear_swiglu(x, w):
+    """swiglu(x w^T) for w = [w_gate; w_up] of shape (2N, K): kernels_matmul's fused kernel where no gradient
+    flows (the recurrence's steps without gradient, the Q-continue pass, evaluation), else F.linear and PyTorch."""
+    unsupported = _why_not_fused(x, w.shape[0] // 2)
+    if not unsupported and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        unsupported = "a gradient flows (the backward needs the gate and up that the fused kernel never stores)"
+    use, reason = _pick(x, unsupported)
+    _log_choice(f"linear_swiglu: {'fused triton kernel' if use else 'F.linear, then PyTorch'} ({reason})")
+    if use:
+        return kernels_matmul.linear_swiglu(x, w)
+    return swiglu(F.linear(x, w))
+

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 from dataset import DataError, IGNORE_LABEL_ID, check_ranges  # labels equal to IGNORE_LABEL_ID are not scored
-from kernels import attention, add_rms_norm
+from kernels import add_rms_norm, attention, linear_swiglu, swiglu
 
 # -----------------------------------------------------------------------------
 # layers
@@ -133,8 +133,11 @@ class SwiGLU(nn.Module):
         self.down_proj = CastedLinear(inter, hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        if self.gate_up_proj.fp8 and not torch.is_grad_enabled():
+            hidden = swiglu(self.gate_up_proj(x))
+        else:  # one fused kernel where kernels.py has one (a Hopper GPU, no gradient)
+            hidden = linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype))
+        return self.down_proj(hidden)
 
 
 class Block(nn.Module):
@@ -171,8 +174,8 @@ class Block(nn.Module):
         if pad == 0:  # as it is (FP8, which needs sizes that are multiples of 16, goes this way too)
             return self.token_mlp(x.transpose(1, 2)).transpose(1, 2)
         gate_up, down = self.token_mlp.gate_up_proj.weight.to(x.dtype), self.token_mlp.down_proj.weight.to(x.dtype)
-        gate, up = F.linear(F.pad(x.transpose(1, 2), (0, pad)), F.pad(gate_up, (0, pad))).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, F.pad(down, (0, 0, 0, pad)))[..., :T].transpose(1, 2)
+        hidden = swiglu(F.linear(F.pad(x.transpose(1, 2), (0, pad)), F.pad(gate_up, (0, pad))))
+        return F.linear(hidden, F.pad(down, (0, 0, 0, pad)))[..., :T].transpose(1, 2)
 
 
 class ReasoningModule(nn.Module):

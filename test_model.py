@@ -1024,16 +1024,85 @@ def test_hopper_rope_pass_matches_apply_rotary():
 
 
 # -----------------------------------------------------------------------------
+# kernels_matmul.py: the MLP's gate-and-up matmul with SwiGLU fused after it
+
+fused = kernels.kernels_matmul
+needs_fused = pytest.mark.skipif(fused is None or (DEVICE == "cuda" and not ON_HOPPER),
+                                 reason="kernels_matmul does not import, or the GPU is not a Hopper")
+# (rows, K, N): a ragged last row block; K not a multiple of the 64-deep tile and N under one tile; N = 512
+FUSED_SHAPES = [((2, 82), 64, 96), ((37,), 200, 40), ((5,), 72, 512)]
+
+
+@needs_fused
+@pytest.mark.parametrize("rows, K, N", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_swiglu_matches_reference(rows, K, N, dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*rows, K, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(2 * N, K, generator=g) * K ** -0.5).to(DEVICE, dtype)
+    out = fused.linear_swiglu(x, w)
+    assert out.shape == (*rows, N) and out.dtype == dtype
+    assert rel_err(out, kernels.swiglu(F.linear(x.double(), w.double()))) < TOL[dtype]
+
+
+@needs_fused
+def test_fused_swiglu_takes_only_calls_without_gradient(fresh_switch, caplog):
+    """Forced on, linear_swiglu fuses where no gradient flows; set_use_fused_matmuls(False) keeps the matmul
+    apart. Each way computes the same."""
+    caplog.set_level(logging.INFO, logger="hrm.attn")
+    kernels.set_use_flash(True)
+    g = torch.Generator().manual_seed(9)
+    dtype = DTYPES[-1]
+    x = torch.randn(3, 64, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(192, 64, generator=g) / 8).to(DEVICE, dtype).requires_grad_()
+    with torch.no_grad():
+        fused_out = kernels.linear_swiglu(x, w)
+    apart = kernels.linear_swiglu(x, w)
+    assert apart.grad_fn is not None and rel_err(fused_out, apart) < TOL[dtype]
+    kernels.set_use_fused_matmuls(False)
+    with torch.no_grad():
+        assert rel_err(kernels.linear_swiglu(x, w), fused_out) < TOL[dtype]
+    assert [m for m in records(caplog) if m.startswith("linear_swiglu")] == [
+        "linear_swiglu: fused triton kernel (forced on by set_use_flash(True))",
+        "linear_swiglu: F.linear, then PyTorch (a gradient flows (the backward needs the gate and up that the "
+        "fused kernel never stores))",
+        "linear_swiglu: F.linear, then PyTorch (fused matmuls off by set_use_fused_matmuls(False))"]
+
+
+@needs_fused
+def test_fused_swiglu_leaves_the_model_unchanged(fresh_switch):
+    """A model's evaluation segment and training step with the fused SwiGLU (kernels forced on, the
+    interpreter on a CPU) against the matmul apart: the same outputs, loss and gradients."""
+    kernels.set_use_flash(True)
+    dtype = DTYPES[0]
+    results = []
+    for fuse in (True, False):
+        kernels.set_use_fused_matmuls(fuse)
+        torch.manual_seed(0)
+        model = HRM(tiny_config(forward_dtype=str(dtype).split(".")[1], hidden_size=64, num_heads=1)).to(DEVICE)
+        batch = {k: v.to(DEVICE) for k, v in random_batch(model.config).items()}
+        with torch.no_grad():
+            _, _, _, outputs = model.eval()(model.initial_carry(batch), batch)
+        carry, loss, _, _ = model.train()(model.initial_carry(batch), batch)
+        loss.backward()
+        results.append([outputs["logits"], loss] + [p.grad for p in model.parameters() if p.grad is not None])
+    for fused_value, apart in zip(*results):
+        assert rel_err(fused_value, apart) < TOL[dtype]
+
+
+# -----------------------------------------------------------------------------
 # backend selection
 
 @pytest.fixture
 def fresh_switch():
     kernels.set_use_flash(None)
     kernels.set_use_hopper(True)
+    kernels.set_use_fused_matmuls(True)
     kernels._logged.clear()
     yield
     kernels.set_use_flash(None)
     kernels.set_use_hopper(True)
+    kernels.set_use_fused_matmuls(True)
 
 
 def attn_inputs(D=64, device="cpu", dtype=torch.float32):
@@ -1153,6 +1222,8 @@ def test_backend_switches_reject_other_values():
         kernels.set_use_flash("yes")
     with pytest.raises(AssertionError):
         kernels.set_use_hopper(None)
+    with pytest.raises(AssertionError):
+        kernels.set_use_fused_matmuls(None)
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or kernels.triton is None, reason="needs CUDA and triton")
