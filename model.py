@@ -1063,8 +1063,8 @@ def check_device(device):
 
 
 def check_fp8(device, dtype):
-    """For fp8=True: FP8 matmuls with a scale per row run on the CPU, and on CUDA GPUs of compute capability
-    8.9 (Ada, Hopper) or newer, in bfloat16 there; else a DataError saying why."""
+    """For fp8=True: FP8 matmuls with a scale per row run on the CPU where torch has them there, and on CUDA
+    GPUs of compute capability 8.9 (Ada, Hopper) or newer, in bfloat16 there; else a DataError saying why."""
     if device == "mps":
         raise DataError("fp8=True: torch has no FP8 matmul on MPS; use device='cuda' or 'cpu'")
     if device.startswith("cuda"):
@@ -1075,3 +1075,16 @@ def check_fp8(device, dtype):
         if dtype != "bfloat16":
             raise DataError(f"fp8=True: on a GPU the FP8 matmuls return bfloat16, so dtype={dtype!r} must be "
                             f"'bfloat16'")
+    elif cpu_fp8_error():
+        raise DataError(f"fp8=True: torch {torch.__version__} cannot multiply in FP8 with a scale per row on the "
+                        f"CPU ({cpu_fp8_error()}); use a CUDA GPU or a newer torch")
+
+
+def cpu_fp8_error():
+    """'' where this torch runs fp8_linear on the CPU (torch._scaled_mm with a scale per row: not every version
+    does), else the first line of its error."""
+    try:
+        fp8_linear(torch.ones(16, 16, dtype=torch.bfloat16), torch.ones(16, 16))
+        return ""
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0]

@@ -47,6 +47,9 @@ $ python sample.py --out_dir=out-etth1 --plot=ot.svg --window=0 --variable=OT --
 It prints the errors of the forecasts of every window of the split (MSE and MAE on the normalised scale and
 in the series' units) beside the last-value and DLinear forecasts', and --plot draws one window's history,
 forecast and truth of one variable as an SVG chart that a browser opens.
+
+An option that only another task reads (--plot for a maze model, --show_steps for an ARC one) is refused in
+one line rather than ignored.
 """
 import math
 import os
@@ -374,9 +377,15 @@ def timeseries(model, forward):
 
 # the dataset's task -> what sample.py does with its model
 TASKS = {'sudoku': sudoku, 'maze': solve_mazes, 'arc': arc, 'timeseries': timeseries}
+# the options only some tasks read: set for a model of another task, one is refused rather than ignored
+TASK_OPTIONS = {'puzzle': ('sudoku',), 'puzzles': ('sudoku',), 'votes': ('sudoku',), 'maze': ('maze',),
+                'max_puzzles': ('sudoku', 'maze'), 'show_steps': ('sudoku', 'maze'), 'arc_task': ('arc',),
+                'split': ('timeseries',), 'plot': ('timeseries',), 'window': ('timeseries',),
+                'variable': ('timeseries',)}
 
 if __name__ == '__main__':
     exit_cleanly('sample.py')  # bad input ends with one line, not a traceback
+    defaults = {k: globals()[k] for k in TASK_OPTIONS}
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     if batch_size < 1 or max_puzzles < 0 or halt_max_steps < 0:
         raise DataError("batch_size must be >= 1, max_puzzles and halt_max_steps >= 0")
@@ -390,6 +399,10 @@ if __name__ == '__main__':
         raise DataError(f"dtype={dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
     check_device(device)
     task, model, forward = load_model()
+    a_model = f"{'an' if task[0] in 'aeiou' else 'a'} {task} model"
     if votes > 1 and task != 'sudoku':
-        raise DataError(f"votes={votes}: voting over symmetries is for Sudoku, and this is a {task} model")
+        raise DataError(f"votes={votes}: voting over symmetries is for Sudoku, and this is {a_model}")
+    for key, tasks in TASK_OPTIONS.items():
+        if task not in tasks and globals()[key] != defaults[key]:
+            raise DataError(f"{key}={globals()[key]!r}: for {' and '.join(tasks)} models, and this is {a_model}")
     TASKS[task](model, forward)

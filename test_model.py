@@ -54,7 +54,7 @@ import prepare_timeseries as pt  # noqa: E402
 from model import (HRM, HRMConfig, IGNORE_LABEL_ID, AdamAtan2, PuzzleEmbeddingSignSGD, RotaryEmbedding, WeightEMA,  # noqa: E402
                    config_from_reference, convert_reference_state_dict, load_reference_checkpoint, softmax_cross_entropy,
                    stablemax_cross_entropy)
-from model import Carry, ForecastConfig, build_model, check_fp8, fp8_linear  # noqa: E402
+from model import Carry, ForecastConfig, build_model, check_fp8, cpu_fp8_error, fp8_linear  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FIXTURE = os.path.join(HERE, "..", "shared", "fixtures", "hrm_reference_small.pt")
@@ -629,7 +629,16 @@ def test_the_mlp_mixer_pads_its_positions_without_changing_what_it_computes():
     assert padded.shape == plain.shape and torch.allclose(padded, plain, atol=1e-6)
     for a, b in zip(*(torch.autograd.grad(y.square().sum(), weights) for y in (plain, padded))):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+CPU_FP8 = not cpu_fp8_error()
+needs_cpu_fp8 = pytest.mark.skipif(not CPU_FP8, reason=f"no FP8 matmul on the CPU in this torch: {cpu_fp8_error()}")
+
+
+@needs_cpu_fp8
+def test_the_mlp_mixer_runs_aligned_positions_as_they_are_fp8_included():
     # positions already a multiple of 8 run the SwiGLU as it is, FP8 included (not the padded bfloat16 path)
+    block = HRM(tiny_config(mixer="mlp", pos_encodings="none")).H_level.layers[0]
     block.token_mlp = mlp = type(block.token_mlp)(96, 4.0)
     mlp.gate_up_proj.fp8 = mlp.down_proj.fp8 = True
     x = torch.randn(3, 96, block.mlp.down_proj.out_features)
@@ -640,6 +649,7 @@ def test_the_mlp_mixer_pads_its_positions_without_changing_what_it_computes():
         assert not torch.allclose(fp8, block.mix_positions(x), atol=1e-4)  # FP8 was used: it rounds
 
 
+@needs_cpu_fp8
 def test_fp8_linear_is_a_linear_to_a_few_percent():
     g = torch.Generator().manual_seed(0)
     x, weight = torch.randn(3, 50, 128, generator=g), torch.randn(96, 128, generator=g) / 10
@@ -656,6 +666,7 @@ def test_fp8_linear_is_a_linear_to_a_few_percent():
     assert torch.equal(fp8_linear(loud.bfloat16(), weight)[1:], out[1:])
 
 
+@needs_cpu_fp8
 def test_fp8_covers_the_no_grad_passes_only():
     torch.manual_seed(0)  # the same draw whichever tests ran before
     config = tiny_config(act_continue=False, hidden_size=64, num_heads=4)
@@ -681,6 +692,17 @@ def test_fp8_covers_the_no_grad_passes_only():
     with pytest.raises(ValueError, match="fp8=True: torch has no FP8 matmul on MPS"):
         check_fp8("mps", "bfloat16")
     check_fp8("cpu", "float32")
+
+
+def test_fp8_refused_on_a_cpu_whose_torch_cannot(monkeypatch):
+    def no_fp8(*args, **kwargs):
+        raise RuntimeError("_scaled_mm: unsupported on this device\nmore detail")
+    monkeypatch.setattr(torch, "_scaled_mm", no_fp8)
+    assert cpu_fp8_error() == "_scaled_mm: unsupported on this device"
+    with pytest.raises(ValueError, match=rf"fp8=True: torch {re.escape(torch.__version__)} cannot multiply in FP8 "
+                                         r"with a scale per row on the CPU \(_scaled_mm: unsupported on this device\); "
+                                         r"use a CUDA GPU or a newer torch"):
+        check_fp8("cpu", "bfloat16")
 
 
 def test_puzzle_embedding_stays_a_leaf_when_moved():
@@ -2409,6 +2431,9 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path, start_script
     no_start = start_script("sample.py", [f"--out_dir={out}", "--maze=" + text.replace("S", " ")], cwd=tmp_path,
                             check=False)
     voted = start_script("sample.py", [f"--out_dir={out}", f"--maze={text}", "--votes=4"], cwd=tmp_path, check=False)
+    # an option of another task would be ignored: refused
+    plotted = start_script("sample.py", [f"--out_dir={out}", f"--maze={text}", "--plot=maze.svg"], cwd=tmp_path,
+                           check=False)
     (tmp_path / "empty.txt").write_text("")
     empty = start_script("sample.py", [f"--out_dir={out}", "--maze=empty.txt"], cwd=tmp_path, check=False)
     result = shown.result()
@@ -2426,6 +2451,7 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path, start_script
     assert re.search(r"^exact accuracy against the given answers: \d+/12 = ", scored.stdout, re.M)
     one_line_error(no_start.result(), "no maze could be read (1 had errors)")
     one_line_error(voted.result(), "votes=4: voting over symmetries is for Sudoku, and this is a maze model")
+    one_line_error(plotted.result(), "plot='maze.svg': for timeseries models, and this is a maze model")
     one_line_error(empty.result(), "empty.txt: no mazes in it")
 
 
@@ -2850,6 +2876,8 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
     training_task = start_script("sample.py", [f"--out_dir={out}", "--arc_task=0d3d703e"], cwd=tmp_path, check=False)
     no_dataset = start_script("sample.py", [f"--out_dir={out}", f"--arc_task={new_task}", "--dataset=nope"],
                               cwd=tmp_path, check=False)
+    stepped = start_script("sample.py", [f"--out_dir={out}", "--arc_task=6ea4a07e", "--show_steps=True"], cwd=tmp_path,
+                           check=False)
     final = read_eval_log(out)[-1]
     assert final["tasks_scored"] == 10 and final["test_inputs_scored"] == 11 and final["votes_per_input"] == 3
     assert all(0 <= final[k] <= 1 for k in ("pass@1", "pass@2", "task_pass@1", "task_pass@2"))
@@ -2876,6 +2904,7 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
     one_line_error(training_task.result(),
                    "--arc_task=0d3d703e is a training task of data/arc-sample-aug-2, not in its evaluation set")
     one_line_error(no_dataset.result(), "data/nope: no such dataset: the one the model trained on names its puzzle")
+    one_line_error(stepped.result(), "show_steps=True: for sudoku and maze models, and this is an arc model")
 
 
 # -----------------------------------------------------------------------------
@@ -3298,6 +3327,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     not_puzzles = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
     plot_folder = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", f"--plot={tmp_path}"],
                                cwd=synthetic_run, check=False)
+    capped = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", "--max_puzzles=3"], cwd=synthetic_run,
+                          check=False)
     # what counts as a good forecast for the Q head is the training's to change on a resume
     tolerant = shutil.copytree(synthetic_run / "out", tmp_path / "tolerant")
     retargeted = start_script("train.py", [f"--out_dir={tolerant}", "--init_from=resume", "--eval_only=True",
@@ -3317,6 +3348,7 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     assert len(read_eval_log(tolerant)) == 3 and read_eval_log(tolerant)[-1]["mse"] == pytest.approx(log[-1]["mse"])
     one_line_error(no_variable.result(), "variable='OT': the series has demand, temperature, supply")
     one_line_error(plot_folder.result(), f"plot={str(tmp_path)!r} is a directory: give an SVG file's path")
+    one_line_error(capped.result(), "max_puzzles=3: for sudoku and maze models, and this is a timeseries model")
     one_line_error(too_short.result(), "the train part (rows 0 to 1,120) is too short for one window")
     one_line_error(not_puzzles.result(),
                    "init_from='reference' loads the original's puzzle HRM, but data/synthetic is a time series")
@@ -3612,6 +3644,7 @@ def test_a_refitted_budget_never_raises_the_learning_rate(reverse_task, tmp_path
     assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:])), after_warmup
 
 
+@needs_cpu_fp8
 def test_train_py_passes_fp8_to_the_model(reverse_task, tmp_path):
     # the FP8 passes train (a tiny model: _scaled_mm on a CPU is slow) and the checkpoint says so
     run_script("train.py", RESUME_ARGS + [f"--out_dir={tmp_path}", "--fp8=True", "--max_steps=10"], cwd=reverse_task)
@@ -3994,9 +4027,9 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     open(csv_path, "wb").write(b"\xef\xbb\xbf" + data)
     scored = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True"], cwd=tmp_path)
     # halting where the Q head says: at most the trained 2 segments per puzzle, the same puzzles scored
-    # (and FP8 inference of a model trained without it, which the speed line names)
+    # (and FP8 inference of a model trained without it, which the speed line names, where torch has it on a CPU)
     adaptive = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={csv_path}", "--quiet=True",
-                                          "--halt_adaptive=True", "--batch_size=3", "--fp8=True"], cwd=tmp_path)
+                                          "--halt_adaptive=True", "--batch_size=3", f"--fp8={CPU_FP8}"], cwd=tmp_path)
     adaptive_shown = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--halt_adaptive=True",
                                                 "--show_steps=True"], cwd=tmp_path, check=False)
     # voting over 3 symmetries of each: 12 inputs through the model, scored alone and voted
@@ -4009,7 +4042,8 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     assert "4 puzzle(s) through the model" in scored.stdout and "/4 = " in scored.stdout
     assert "4 input(s) in " in scored.stdout and "2.00 segments on average" in scored.stdout
     adaptive = adaptive.result()
-    mean = float(re.search(r"([0-9.]+) segments on average \(halting adaptively\), FP8", adaptive.stdout).group(1))
+    mean = float(re.search(r"([0-9.]+) segments on average \(halting adaptively\)" + (", FP8" if CPU_FP8 else ""),
+                           adaptive.stdout).group(1))
     assert 1 <= mean <= 2 and "4 puzzle(s) through the model" in adaptive.stdout
     assert "FP8" not in scored.stdout
     one_line_error(adaptive_shown.result(),
