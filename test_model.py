@@ -3644,6 +3644,23 @@ def test_a_refitted_budget_never_raises_the_learning_rate(reverse_task, tmp_path
     assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:])), after_warmup
 
 
+def test_a_budgeted_run_resumed_without_its_clock_keeps_its_schedule(reverse_task, tmp_path):
+    # stopped early by max_steps, a 5-minute run resumed with --max_minutes=0 goes on along the schedule its budget
+    # fitted (thousands of steps), not the one epochs=1 gives (a few dozen): the lr does not fall off a cliff
+    out, args = tmp_path / "out", ["--log_interval=1", "--eval_interval=100000"]
+    first = run_script("train.py", RESUME_ARGS + args + [f"--out_dir={out}", "--max_minutes=5", "--max_steps=30"],
+                       cwd=reverse_task)
+    budget = load_checkpoint(out)["budget"]
+    resumed = run_script("train.py", args + [f"--out_dir={out}", "--init_from=resume", "--max_minutes=0",
+                                             "--max_steps=40"], cwd=reverse_task)
+    lrs = [float(lr) for lr in re.findall(r"^step \d+ \(.*, lr ([\d.e+-]+),", first.stdout + resumed.stdout, re.M)]
+    # (before the fit at step 25 the schedule is epochs', after it the budget's: nearly flat over these steps)
+    assert budget["total_steps"] > 1000 and len(lrs) == 40, lrs
+    assert all(later <= earlier for earlier, later in zip(lrs[4:], lrs[5:])), lrs
+    assert lrs[30:] == pytest.approx([lrs[29]] * 10, rel=1e-3), lrs
+    assert load_checkpoint(out)["budget"] == budget  # kept for a later resume, its clock stopped
+
+
 @needs_cpu_fp8
 def test_train_py_passes_fp8_to_the_model(reverse_task, tmp_path):
     # the FP8 passes train (a tiny model: _scaled_mm on a CPU is slow) and the checkpoint says so

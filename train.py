@@ -59,7 +59,8 @@ global_batch_size = 384     # sequences per step, summed over processes
 epochs = 20000              # passes over the training groups; sets the number of steps
 max_steps = 0               # if > 0, stop here instead (the lr schedule still spans `epochs`)
 max_minutes = 0.0           # if > 0, the whole run's wall-clock budget, start to final evaluation: the lr schedule
-                            # is fitted to the steps that fit, measured on the first FIT_STEPS steps
+                            # is fitted to the steps that fit, measured on the first FIT_STEPS steps (resumed with
+                            # 0, the run keeps the schedule its budget fitted, without the clock, unless --epochs)
 eval_max_examples = 0       # if > 0, evaluate on the first this-many examples of each evaluation split only
 eval_halt_max_steps = 0     # if > 0, evaluation runs (halt_adaptive: at most) this many ACT segments
 eval_votes = 1              # Sudoku: if > 1, the final evaluation also solves each test puzzle under eval_votes - 1
@@ -223,6 +224,7 @@ model_args.update(H_cycles=H_cycles, L_cycles=L_cycles, H_layers=H_layers, L_lay
                   forward_dtype=dtype)
 iter_num, eval_seconds = 0, 0.0
 decay_anchor = (warmup_steps, 0.0)  # (step, progress): the decay's progress runs linearly from here to 1 at total_steps
+budget = None  # a resumed budgeted run's checkpoint['budget']: its schedule, minutes used and evaluation's seconds
 torch.manual_seed(seed)  # the same initial weights in every process
 if init_from == 'reference':
     if 'horizon' in model_args:
@@ -238,8 +240,8 @@ if checkpoint is not None:
                             f"(was {data_dir} rebuilt?)")
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
-    if max_minutes > 0 and checkpoint.get('budget') and not eval_only:  # its schedule and its clock go on
-        budget = checkpoint['budget']
+    budget = checkpoint.get('budget')
+    if budget and max_minutes > 0 and not eval_only:  # its schedule and its clock go on
         if 60 * (max_minutes - budget['minutes']) <= budget['eval_seconds'] * FINAL_EVALUATIONS:
             raise DataError(f"{ckpt_path}: the run has used {budget['minutes']:.1f} of its max_minutes={max_minutes}: "
                             f"nothing to train; raise max_minutes, or evaluate with --eval_only=True")
@@ -249,6 +251,13 @@ if checkpoint is not None:
         # past the fit, which refits the schedule to the minutes given now
         stop_step = max(iter_num + FIT_STEPS + 1, total_steps)
         stop_step = min(stop_step, max_steps) if max_steps > 0 else stop_step
+    elif budget and 'epochs' not in config_overrides and not eval_only:
+        # --max_minutes=0: no clock now, but the schedule the budget last fitted goes on to its end (the one
+        # epochs gives would make the lr jump; --epochs asks for that one)
+        total_steps, decay_anchor = budget['total_steps'], tuple(budget.get('decay_anchor', decay_anchor))
+        stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
+    else:
+        budget = None  # from here on the schedule that epochs gives
     if iter_num >= stop_step and not eval_only:
         raise DataError(f"{ckpt_path} is at step {iter_num:,}, the end of this run ({stop_step:,} steps): nothing to "
                         f"train; raise max_steps or epochs, or evaluate with --eval_only=True")
@@ -363,7 +372,7 @@ def save_checkpoint():
                           ema=ema.state_dict() if ema else None,
                           budget=dict(total_steps=total_steps, minutes=minutes(), eval_seconds=eval_seconds,
                                       decay_anchor=decay_anchor)
-                          if max_minutes > 0 else None)
+                          if max_minutes > 0 else budget)  # (without a clock now, the schedule it had, unchanged)
         write_atomically(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
 
 
