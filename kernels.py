@@ -14,7 +14,7 @@ Triton kernels for CUDA tensors when triton imports, PyTorch otherwise; set_use_
 forces the kernels, forces PyTorch, or goes back to that automatic choice. On a Hopper GPU the attention
 runs the tuned paths of kernels_hopper.py, which compute the same thing faster at HRM's shapes;
 set_use_hopper(False) keeps to the kernels of this file. linear_swiglu fuses only where no gradient flows;
-set_use_fused_matmuls(False) keeps its matmul apart. Each distinct choice is logged once on the logger
+set_use_fused_matmuls(False) (or set_use_hopper(False)) keeps its matmul apart. Each distinct choice is logged once on the logger
 "hrm.attn".
 
 Attention forward. Per (batch, head), q, k, v are (T, D) and scale = 1 / sqrt(D):
@@ -457,7 +457,7 @@ _logged = set()
 
 
 def set_use_flash(flag):
-    """For both attention and add_rms_norm: True forces the Triton kernels wherever they support the call
+    """For attention, add_rms_norm and linear_swiglu: True forces the Triton kernels wherever they support the call
     (CPU tensors then need TRITON_INTERPRET=1), False forces PyTorch, None (default) uses Triton for CUDA
     tensors when triton imports. A compiled model reads the flag when it is traced."""
     global _use_flash
@@ -542,9 +542,11 @@ def _why_not_hopper(q):
 
 def _why_not_fused(x, n_out):
     """'' where kernels_matmul could take the product of x (..., K) with a weight of n_out rows, else why not.
-    Its kernel was written and measured for Hopper GPUs (TMA descriptors)."""
+    Its kernel was written and measured for Hopper GPUs (TMA descriptors); it stores with 32-bit offsets."""
     if not _use_fused_matmuls:
         return "fused matmuls off by set_use_fused_matmuls(False)"
+    if not _use_hopper:
+        return "Hopper paths off by set_use_hopper(False)"
     if kernels_matmul is None:
         return _matmul_missing
     if x.is_cuda and torch.cuda.get_device_properties(x.device).major != 9:
@@ -553,6 +555,8 @@ def _why_not_fused(x, n_out):
         return f"dtype {x.dtype} on CUDA, not one of {FLASH_DTYPES}"
     if x.shape[-1] % 8 or n_out % 8:
         return "sizes not multiples of 8 (TMA needs rows of 16 bytes)"
+    if x.numel() // max(1, x.shape[-1]) * n_out >= 2 ** 31:
+        return f"a result of {x.numel() // max(1, x.shape[-1]):,} x {n_out} elements, past 32-bit offsets"
     return _interpreter_dtype(x)
 
 def attention(q, k, v, cos=None, sin=None):
@@ -593,10 +597,9 @@ def swiglu(gate_up):
 def linear_swiglu(x, w):
     """swiglu(x w^T) for w = [w_gate; w_up] of shape (2N, K): kernels_matmul's fused kernel where no gradient
     flows (the recurrence's steps without gradient, the Q-continue pass, evaluation), else F.linear and PyTorch."""
-    unsupported = _why_not_fused(x, w.shape[0] // 2)
-    if not unsupported and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        unsupported = "a gradient flows (the backward needs the gate and up that the fused kernel never stores)"
-    use, reason = _pick(x, unsupported)
+    use, reason = _pick(x, _why_not_fused(x, w.shape[0] // 2))
+    if use and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        use, reason = False, "a gradient flows: the backward needs the gate and up, which the fused kernel never stores"
     _log_choice(f"linear_swiglu: {'fused triton kernel' if use else 'F.linear, then PyTorch'} ({reason})")
     if use:
         return kernels_matmul.linear_swiglu(x, w)

@@ -8,8 +8,9 @@ Apart, the product goes to memory only for an element-wise kernel to read it str
 shape (31,488 rows, 512 -> 2 x 1,536) cuBLAS writes 193 MB that Inductor's SwiGLU kernel reads to write
 the 97 MB result. Fused, a program keeps a gate and an up accumulator for the same tile of the result and
 stores only silu(gate) * up. Both accumulators are rounded to the input dtype first, where the unfused path
-stores the product, so the result is what F.linear and then F.silu(gate) * up compute, up to the order of
-the float32 sums (the compiled Sudoku step's loss came out the same to every printed digit).
+stores the product, then silu(gate) * up is taken in float32, as the compiled model's unfused path takes
+it (eager PyTorch rounds silu(gate) to bfloat16 first): the same up to the order of the float32 sums (the
+compiled Sudoku step's loss came out the same to every printed digit).
 
 x and the two halves of w come through TMA descriptors built on the host (as in kernels_hopper.py) in a
 software-pipelined loop, rows and columns past their ends loading as zeros; the result is stored through

@@ -1075,16 +1075,17 @@ def check_fp8(device, dtype):
         if dtype != "bfloat16":
             raise DataError(f"fp8=True: on a GPU the FP8 matmuls return bfloat16, so dtype={dtype!r} must be "
                             f"'bfloat16'")
-    elif cpu_fp8_error():
+    elif cpu_fp8_error(getattr(torch, dtype)):
         raise DataError(f"fp8=True: torch {torch.__version__} cannot multiply in FP8 with a scale per row on the "
-                        f"CPU ({cpu_fp8_error()}); use a CUDA GPU or a newer torch")
+                        f"CPU in {dtype} ({cpu_fp8_error(getattr(torch, dtype))}); use --fp8=False, a CUDA GPU or "
+                        f"another torch")
 
 
-def cpu_fp8_error():
-    """'' where this torch runs fp8_linear on the CPU (torch._scaled_mm with a scale per row: not every version
-    does), else the first line of its error."""
+def cpu_fp8_error(dtype):
+    """'' where this torch runs fp8_linear on the CPU for inputs of dtype (torch._scaled_mm with a scale per row:
+    not every version does), else the first line of its error."""
     try:
-        fp8_linear(torch.ones(16, 16, dtype=torch.bfloat16), torch.ones(16, 16))
+        fp8_linear(torch.ones(16, 16, dtype=dtype), torch.ones(16, 16))
         return ""
-    except RuntimeError as e:
-        return str(e).strip().splitlines()[0]
+    except Exception as e:  # whatever the kind: the run could not use it
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -381,7 +381,7 @@ TASKS = {'sudoku': sudoku, 'maze': solve_mazes, 'arc': arc, 'timeseries': timese
 TASK_OPTIONS = {'puzzle': ('sudoku',), 'puzzles': ('sudoku',), 'votes': ('sudoku',), 'maze': ('maze',),
                 'max_puzzles': ('sudoku', 'maze'), 'show_steps': ('sudoku', 'maze'), 'arc_task': ('arc',),
                 'split': ('timeseries',), 'plot': ('timeseries',), 'window': ('timeseries',),
-                'variable': ('timeseries',)}
+                'variable': ('timeseries',), 'dataset': ('arc', 'timeseries')}
 
 if __name__ == '__main__':
     exit_cleanly('sample.py')  # bad input ends with one line, not a traceback
@@ -403,6 +403,6 @@ if __name__ == '__main__':
     if votes > 1 and task != 'sudoku':
         raise DataError(f"votes={votes}: voting over symmetries is for Sudoku, and this is {a_model}")
     for key, tasks in TASK_OPTIONS.items():
-        if task not in tasks and globals()[key] != defaults[key]:
-            raise DataError(f"{key}={globals()[key]!r}: for {' and '.join(tasks)} models, and this is {a_model}")
+        if task not in tasks and config_overrides.get(key, defaults[key]) != defaults[key]:
+            raise DataError(f"{key}={config_overrides[key]!r}: for {' and '.join(tasks)} models, and this is {a_model}")
     TASKS[task](model, forward)

@@ -631,8 +631,9 @@ def test_the_mlp_mixer_pads_its_positions_without_changing_what_it_computes():
         assert torch.allclose(a, b, atol=1e-5)
 
 
-CPU_FP8 = not cpu_fp8_error()
-needs_cpu_fp8 = pytest.mark.skipif(not CPU_FP8, reason=f"no FP8 matmul on the CPU in this torch: {cpu_fp8_error()}")
+CPU_FP8_ERROR = cpu_fp8_error(torch.bfloat16) or cpu_fp8_error(torch.float32)  # the dtypes the tests run it in
+CPU_FP8 = not CPU_FP8_ERROR
+needs_cpu_fp8 = pytest.mark.skipif(not CPU_FP8, reason=f"no FP8 matmul on the CPU in this torch: {CPU_FP8_ERROR}")
 
 
 @needs_cpu_fp8
@@ -687,22 +688,24 @@ def test_fp8_covers_the_no_grad_passes_only():
     assert loss_exact != loss_fp8 and abs(loss_exact - loss_fp8) / loss_exact < 0.05
     loss_fp8.backward()
     assert all(p.grad is not None for p in fp8.L_level.parameters())
+    check_fp8("cpu", "float32")
+
+
+def test_fp8_refused_where_it_cannot_run(monkeypatch):
+    config = tiny_config(act_continue=False, hidden_size=64, num_heads=4)
     with pytest.raises(ValueError, match=r"fp8=True: no matmul of the blocks .* \(hidden_size=40\)"):
         HRM(dataclasses.replace(config, fp8=True, hidden_size=40, num_heads=5, expansion=1.0))
     with pytest.raises(ValueError, match="fp8=True: torch has no FP8 matmul on MPS"):
         check_fp8("mps", "bfloat16")
-    check_fp8("cpu", "float32")
-
-
-def test_fp8_refused_on_a_cpu_whose_torch_cannot(monkeypatch):
+    # a torch without FP8 on the CPU (whatever it raises)
     def no_fp8(*args, **kwargs):
-        raise RuntimeError("_scaled_mm: unsupported on this device\nmore detail")
+        raise NotImplementedError("_scaled_mm: unsupported on this device\nmore detail")
     monkeypatch.setattr(torch, "_scaled_mm", no_fp8)
-    assert cpu_fp8_error() == "_scaled_mm: unsupported on this device"
+    assert cpu_fp8_error(torch.float32) == "_scaled_mm: unsupported on this device"
     with pytest.raises(ValueError, match=rf"fp8=True: torch {re.escape(torch.__version__)} cannot multiply in FP8 "
-                                         r"with a scale per row on the CPU \(_scaled_mm: unsupported on this device\); "
-                                         r"use a CUDA GPU or a newer torch"):
-        check_fp8("cpu", "bfloat16")
+                                         r"with a scale per row on the CPU in float32 \(_scaled_mm: unsupported on "
+                                         r"this device\); use --fp8=False, a CUDA GPU or another torch"):
+        check_fp8("cpu", "float32")
 
 
 def test_puzzle_embedding_stays_a_leaf_when_moved():
@@ -1051,8 +1054,9 @@ def test_hopper_rope_pass_matches_apply_rotary():
 fused = kernels.kernels_matmul
 needs_fused = pytest.mark.skipif(fused is None or (DEVICE == "cuda" and not ON_HOPPER),
                                  reason="kernels_matmul does not import, or the GPU is not a Hopper")
-# (rows, K, N): a ragged last row block; K not a multiple of the 64-deep tile and N under one tile; N = 512
-FUSED_SHAPES = [((2, 82), 64, 96), ((37,), 200, 40), ((5,), 72, 512)]
+# (rows, K, N): a ragged last row block; K not a multiple of the 64-deep tile and N under one tile; N = 512;
+# 11 row blocks, so the programs' groups of 8 row blocks end in a short one
+FUSED_SHAPES = [((2, 82), 64, 96), ((37,), 200, 40), ((5,), 72, 512), ((1300,), 16, 136)]
 
 
 @needs_fused
@@ -1065,6 +1069,24 @@ def test_linear_swiglu_matches_reference(rows, K, N, dtype):
     out = fused.linear_swiglu(x, w)
     assert out.shape == (*rows, N) and out.dtype == dtype
     assert rel_err(out, kernels.swiglu(F.linear(x.double(), w.double()))) < TOL[dtype]
+
+
+@needs_fused
+def test_linear_swiglu_takes_a_transposed_input():
+    # the token mixer's input: positions become rows of a transposed (B, C, T) view
+    g = torch.Generator().manual_seed(10)
+    for B in (1, 3):
+        x = torch.randn(B, 24, 40, generator=g).to(DEVICE, DTYPES[0]).transpose(1, 2)
+        w = (torch.randn(2 * 32, 24, generator=g) / 5).to(DEVICE, DTYPES[0])
+        ref = kernels.swiglu(F.linear(x.double(), w.double()))
+        assert rel_err(fused.linear_swiglu(x, w), ref) < TOL[DTYPES[0]]
+
+
+def test_fused_swiglu_refuses_results_past_32_bit_offsets():
+    x = torch.empty(1 << 22, 512, device="meta")
+    assert kernels._why_not_fused(x, 512) in ("a result of 4,194,304 x 512 elements, past 32-bit offsets",
+                                             kernels._matmul_missing)
+    assert kernels._why_not_fused(x, 504) in ("", kernels._matmul_missing)
 
 
 @needs_fused
@@ -1084,17 +1106,22 @@ def test_fused_swiglu_takes_only_calls_without_gradient(fresh_switch, caplog):
     kernels.set_use_fused_matmuls(False)
     with torch.no_grad():
         assert rel_err(kernels.linear_swiglu(x, w), fused_out) < TOL[dtype]
+        kernels.set_use_fused_matmuls(True)
+        kernels.set_use_hopper(False)
+        assert rel_err(kernels.linear_swiglu(x, w), fused_out) < TOL[dtype]
     assert [m for m in records(caplog) if m.startswith("linear_swiglu")] == [
         "linear_swiglu: fused triton kernel (forced on by set_use_flash(True))",
-        "linear_swiglu: F.linear, then PyTorch (a gradient flows (the backward needs the gate and up that the "
-        "fused kernel never stores))",
-        "linear_swiglu: F.linear, then PyTorch (fused matmuls off by set_use_fused_matmuls(False))"]
+        "linear_swiglu: F.linear, then PyTorch (a gradient flows: the backward needs the gate and up, which the "
+        "fused kernel never stores)",
+        "linear_swiglu: F.linear, then PyTorch (fused matmuls off by set_use_fused_matmuls(False))",
+        "linear_swiglu: F.linear, then PyTorch (Hopper paths off by set_use_hopper(False))"]
 
 
 @needs_fused
-def test_fused_swiglu_leaves_the_model_unchanged(fresh_switch):
+def test_fused_swiglu_leaves_the_model_unchanged(fresh_switch, caplog):
     """A model's evaluation segment and training step with the fused SwiGLU (kernels forced on, the
     interpreter on a CPU) against the matmul apart: the same outputs, loss and gradients."""
+    caplog.set_level(logging.INFO, logger="hrm.attn")
     kernels.set_use_flash(True)
     dtype = DTYPES[0]
     results = []
@@ -1108,6 +1135,7 @@ def test_fused_swiglu_leaves_the_model_unchanged(fresh_switch):
         carry, loss, _, _ = model.train()(model.initial_carry(batch), batch)
         loss.backward()
         results.append([outputs["logits"], loss] + [p.grad for p in model.parameters() if p.grad is not None])
+    assert "linear_swiglu: fused triton kernel (forced on by set_use_flash(True))" in records(caplog)
     for fused_value, apart in zip(*results):
         assert rel_err(fused_value, apart) < TOL[dtype]
 
@@ -2434,6 +2462,8 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path, start_script
     # an option of another task would be ignored: refused
     plotted = start_script("sample.py", [f"--out_dir={out}", f"--maze={text}", "--plot=maze.svg"], cwd=tmp_path,
                            check=False)
+    elsewhere = start_script("sample.py", [f"--out_dir={out}", f"--maze={text}", "--dataset=maze-other"],
+                             cwd=tmp_path, check=False)
     (tmp_path / "empty.txt").write_text("")
     empty = start_script("sample.py", [f"--out_dir={out}", "--maze=empty.txt"], cwd=tmp_path, check=False)
     result = shown.result()
@@ -2452,6 +2482,7 @@ def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path, start_script
     one_line_error(no_start.result(), "no maze could be read (1 had errors)")
     one_line_error(voted.result(), "votes=4: voting over symmetries is for Sudoku, and this is a maze model")
     one_line_error(plotted.result(), "plot='maze.svg': for timeseries models, and this is a maze model")
+    one_line_error(elsewhere.result(), "dataset='maze-other': for arc and timeseries models, and this is a maze model")
     one_line_error(empty.result(), "empty.txt: no mazes in it")
 
 
