@@ -27,6 +27,7 @@ batches, the 8 dihedral transforms of a grid, and a plain-HTTPS download.
 import csv
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -94,10 +95,19 @@ class BadRows:
                 for category, n in sorted(self.counts.items())]
 
 
-def task_of(named, seq_len):
-    """The task a dataset (or a checkpoint) names; the original's name none, and its Sudoku is known by its 81
-    cells."""
-    return named or ("sudoku" if seq_len == 81 else None)
+def task_of(named, seq_len, vocab_size):
+    """The task a dataset (or a checkpoint) names. The original's datasets name none: its Sudoku is known by 81
+    cells of 11 tokens, its mazes by square grids of 6 tokens (padding, wall, open, start, goal, path), its
+    ARC by 30 x 30 grids of 12 (padding, end of grid, ten colours)."""
+    if named:
+        return named
+    if seq_len == 81 and vocab_size == 11:
+        return "sudoku"
+    if vocab_size == 6 and seq_len and math.isqrt(seq_len) ** 2 == seq_len:
+        return "maze"
+    if seq_len == 900 and vocab_size == 12:
+        return "arc"
+    return None
 
 
 def is_csv_header(line, column):

