@@ -240,7 +240,8 @@ def read_challenges(path, solutions_path='', need_answers=True):
     answers = read_json(solutions_path) if solutions_path else None
     for file, obj in ((path, found), (solutions_path or None, answers)):
         if file and not isinstance(obj, dict):  # (a JSON null too)
-            raise DataError(f"{file}: expected {{task id: ...}}, got {'null' if obj is None else 'a JSON ' + type(obj).__name__}")
+            got = 'null' if obj is None else 'a JSON ' + type(obj).__name__
+            raise DataError(f"{file}: expected {{task id: ...}}, got {got}")
     if isinstance(found.get('train'), list):
         raise DataError(f"{path}: one task in the per-task layout, not {{task id: task}}: give its folder instead")
     if answers is not None and set(answers) - set(found):

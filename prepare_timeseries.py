@@ -15,7 +15,7 @@ whose date does not parse, a cell that is not a number, a date earlier than the 
 stops the build with the file, line and reason; a missing cell (empty, NaN, NA, null) too, unless --fill
 says how to fill it: 'ffill' repeats the column's last value, 'linear' interpolates in time.
 
-The split is chronological. ETT files (named ETTh1, ETTh2, ETTm1, ETTm2, or --borders=ett) get the standard
+The split is chronological. ETT files (named ETTh1, ETTh2, ETTm1, ETTm2 in any case, or --borders=ett) get the standard
 protocol of the literature, so that figures compare: 12 months of 30 days for training, 4 for validation,
 4 for test (rows 8,640 / 11,520 / 14,400 of the hourly files, 4 x that of the 15-minute ones; the rest is
 not used). Other series are split by fractions, 0.7 / 0.1 / 0.2 by default, rounded as the common loaders
@@ -80,6 +80,9 @@ def read_series(path, date_column="date", columns=(), fill=""):
         columns = [c for c in header if c != date_column]
     if date_column in columns:
         raise DataError(f"columns: {date_column!r} is the date column, not a variable")
+    twice = next((c for i, c in enumerate(columns) if c in columns[:i]), None)
+    if twice is not None:
+        raise DataError(f"{path}: column {twice!r} comes twice: name each variable once")
     stamps, rows, lines, first_missing = [], [], [], None
     for line, row in read_csv(path, (date_column, *columns)):
         try:
@@ -231,6 +234,14 @@ def main():
     if kind not in ("synthetic", "csv", "ett"):
         raise DataError(f"source={source!r}: must be 'synthetic', 'csv' or 'ett'")
     check_ranges(globals(), [("seed", seed >= 0, ">= 0"), ("synthetic_rows", synthetic_rows >= 1, ">= 1")])
+    # an option the source does not read is refused, not ignored
+    read_by = dict(csv=("csv",), ett=("ett",), synthetic_rows=("synthetic",), date_column=("csv", "ett"),
+                   columns=("csv", "ett"), fill=("csv", "ett"))
+    ignored = [k for k, kinds in read_by.items() if kind not in kinds and k in config_overrides]
+    if ignored:
+        key = ignored[0]
+        raise DataError(f"{key}={config_overrides[key]!r} is for source={' or '.join(read_by[key])}, and this is "
+                        f"source={kind!r}" + (" (--csv picks source='csv')" if csv and not source else ""))
     started = time.time()
     build = dict(script="prepare_timeseries.py", source=kind, fill=fill)
     if kind == "synthetic":
@@ -250,7 +261,8 @@ def main():
         build.update(csv=os.path.abspath(path))
     base = os.path.splitext(os.path.basename(path))[0] if path else "synthetic"
     out_path = dataset_path(out_dir, name or base.lower())
-    size = build_series(timestamps, values, names, out_path, borders, is_ett=base in ETT_FILES, build=build)
+    is_ett = base.lower() in (f.lower() for f in ETT_FILES)  # (a copy of ETTh1.csv saved as etth1.csv is ETTh1)
+    size = build_series(timestamps, values, names, out_path, borders, is_ett=is_ett, build=build)
     print(f"wrote {out_path} ({human_bytes(size)}) in {time.time() - started:.1f} s")
 
 

@@ -346,6 +346,8 @@ def timeseries(model, forward):
         raise DataError(f"split={split!r}: must be 'val' or 'test'")
     windows = Windows(series, split, config.input_len, config.horizon)
     n, column = windows.num_examples, variable or series.columns[-1]
+    if not plot and ({'window', 'variable'} & set(config_overrides)):
+        raise DataError("window and variable pick what --plot draws: give --plot=<an SVG file>")
     if plot and column not in series.columns:
         raise DataError(f"variable={column!r}: the series has {', '.join(series.columns)}")
     if plot and not -n <= window < n:

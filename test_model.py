@@ -3106,6 +3106,16 @@ def test_bad_csv_on_the_command_line_is_one_line(tmp_path):
     path = write_series_csv(tmp_path / "bad.csv", [["2021-03-01 00:00", "1", "2"], ["2021-03-01 01:00", "oops", "3"]])
     one_line_error(run_prepare(f"--csv={path}", cwd=tmp_path, script="prepare_timeseries.py"),
                    f"prepare_timeseries.py: {path} line 3: a is 'oops', not a number")
+    twice = write_series_csv(tmp_path / "twice.csv", [["2021-03-01 00:00", "1", "2"]], header=("date", "a", "a"))
+    # an option the source does not read, and a column named twice (its second one would be read as the first)
+    for args, message in (([f"--csv={twice}"], f"{twice}: column 'a' comes twice: name each variable once"),
+                          ([f"--csv={path}", "--synthetic_rows=5"],
+                           "synthetic_rows=5 is for source=synthetic, and this is source='csv' (--csv picks "
+                           "source='csv')"),
+                          (["--source=synthetic", "--fill=linear"],
+                           "fill='linear' is for source=csv or ett, and this is source='synthetic'")):
+        one_line_error(run_prepare(*args, cwd=tmp_path, script="prepare_timeseries.py"),
+                       f"prepare_timeseries.py: {message}")
     assert not os.path.exists(tmp_path / "data")
 
 
@@ -3392,6 +3402,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
                                cwd=synthetic_run, check=False)
     capped = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", "--max_puzzles=3"], cwd=synthetic_run,
                           check=False)
+    unplotted = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", "--window=3"], cwd=synthetic_run,
+                             check=False)
     # what counts as a good forecast for the Q head is the training's to change on a resume
     tolerant = shutil.copytree(synthetic_run / "out", tmp_path / "tolerant")
     retargeted = start_script("train.py", [f"--out_dir={tolerant}", "--init_from=resume", "--eval_only=True",
@@ -3412,6 +3424,7 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     one_line_error(no_variable.result(), "variable='OT': the series has demand, temperature, supply")
     one_line_error(plot_folder.result(), f"plot={str(tmp_path)!r} is a directory: give an SVG file's path")
     one_line_error(capped.result(), "max_puzzles=3: for sudoku and maze models, and this is a timeseries model")
+    one_line_error(unplotted.result(), "window and variable pick what --plot draws: give --plot=<an SVG file>")
     one_line_error(too_short.result(), "the train part (rows 0 to 1,120) is too short for one window")
     one_line_error(not_puzzles.result(),
                    "init_from='reference' loads the original's puzzle HRM, but data/synthetic is a time series")
@@ -3419,9 +3432,11 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
 
 @pytest.mark.skipif(not os.path.isfile(SHARED_ETTH1), reason="ETTh1.csv (../shared/data/timeseries) is not here")
 def test_etth1_follows_the_standard_protocol(tmp_path):
-    stamps, values, names = pt.read_series(SHARED_ETTH1)
-    pt.build_series(stamps, values, names, str(tmp_path / "etth1"), is_ett=True, log=quiet)
-    series = dataset.SeriesData(str(tmp_path / "etth1"))
+    # saved under another case of its name, ETTh1 is still ETTh1: its standard split, not 0.7/0.1/0.2
+    shutil.copy(SHARED_ETTH1, tmp_path / "etth1.csv")
+    result = run_prepare("--csv=etth1.csv", cwd=tmp_path, script="prepare_timeseries.py")
+    assert result.returncode == 0, result.stderr
+    series = dataset.SeriesData(str(tmp_path / "data" / "etth1"))
     assert series.borders == [8640, 11520, 14400] and series.columns[-1] == "OT"
     counts = [dataset.Windows(series, split, 96, 96).num_examples for split in dataset.SPLITS]
     assert counts == [8449, 2785, 2785]  # as the literature's loaders count them
