@@ -14,8 +14,8 @@ Triton kernels for CUDA tensors when triton imports, PyTorch otherwise; set_use_
 forces the kernels, forces PyTorch, or goes back to that automatic choice. On a Hopper GPU the attention
 runs the tuned paths of kernels_hopper.py, which compute the same thing faster at HRM's shapes;
 set_use_hopper(False) keeps to the kernels of this file. linear_swiglu fuses only where no gradient flows;
-set_use_fused_matmuls(False) (or set_use_hopper(False)) keeps its matmul apart. Each distinct choice is logged once on the logger
-"hrm.attn".
+set_use_fused_matmuls(False) (or set_use_hopper(False)) keeps its matmul apart. Each distinct choice is
+logged once on the logger "hrm.attn".
 
 Attention forward. Per (batch, head), q, k, v are (T, D) and scale = 1 / sqrt(D):
 

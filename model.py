@@ -1075,10 +1075,9 @@ def check_fp8(device, dtype):
         if dtype != "bfloat16":
             raise DataError(f"fp8=True: on a GPU the FP8 matmuls return bfloat16, so dtype={dtype!r} must be "
                             f"'bfloat16'")
-    elif cpu_fp8_error(getattr(torch, dtype)):
+    elif error := cpu_fp8_error(getattr(torch, dtype)):
         raise DataError(f"fp8=True: torch {torch.__version__} cannot multiply in FP8 with a scale per row on the "
-                        f"CPU in {dtype} ({cpu_fp8_error(getattr(torch, dtype))}); use --fp8=False, a CUDA GPU or "
-                        f"another torch")
+                        f"CPU in {dtype} ({error}); use --fp8=False, a CUDA GPU or another torch")
 
 
 def cpu_fp8_error(dtype):
