@@ -381,7 +381,8 @@ def timeseries(model, forward):
 # the dataset's task -> what sample.py does with its model
 TASKS = {'sudoku': sudoku, 'maze': solve_mazes, 'arc': arc, 'timeseries': timeseries}
 # the options only some tasks read: set for a model of another task, one is refused rather than ignored
-TASK_OPTIONS = {'puzzle': ('sudoku',), 'puzzles': ('sudoku',), 'votes': ('sudoku',), 'maze': ('maze',),
+# (votes > 1 has a message of its own below)
+TASK_OPTIONS = {'puzzle': ('sudoku',), 'puzzles': ('sudoku',), 'maze': ('maze',),
                 'max_puzzles': ('sudoku', 'maze'), 'show_steps': ('sudoku', 'maze'), 'arc_task': ('arc',),
                 'split': ('timeseries',), 'plot': ('timeseries',), 'window': ('timeseries',),
                 'variable': ('timeseries',), 'dataset': ('arc', 'timeseries')}

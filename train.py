@@ -243,21 +243,19 @@ if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
     budget = checkpoint.get('budget')
-    if budget and max_minutes > 0 and not eval_only:  # its schedule and its clock go on
-        if 60 * (max_minutes - budget['minutes']) <= budget['eval_seconds'] * FINAL_EVALUATIONS:
+    # a budgeted run's schedule goes on; with max_minutes its clock too, and with --max_minutes=0 the schedule
+    # the budget last fitted runs to its end (the one epochs gives would make the lr jump; --epochs asks for it)
+    if budget and not eval_only and (max_minutes > 0 or 'epochs' not in config_overrides):
+        if max_minutes > 0 and 60 * (max_minutes - budget['minutes']) <= budget['eval_seconds'] * FINAL_EVALUATIONS:
             raise DataError(f"{ckpt_path}: the run has used {budget['minutes']:.1f} of its max_minutes={max_minutes}: "
                             f"nothing to train; raise max_minutes, or evaluate with --eval_only=True")
-        total_steps, eval_seconds = budget['total_steps'], budget['eval_seconds']
-        decay_anchor = tuple(budget.get('decay_anchor', decay_anchor))
-        run_start -= 60 * budget['minutes']
-        # past the fit, which refits the schedule to the minutes given now
-        stop_step = max(iter_num + FIT_STEPS + 1, total_steps)
-        stop_step = min(stop_step, max_steps) if max_steps > 0 else stop_step
-    elif budget and 'epochs' not in config_overrides and not eval_only:
-        # --max_minutes=0: no clock now, but the schedule the budget last fitted goes on to its end (the one
-        # epochs gives would make the lr jump; --epochs asks for that one)
         total_steps, decay_anchor = budget['total_steps'], tuple(budget.get('decay_anchor', decay_anchor))
-        stop_step = min(total_steps, max_steps) if max_steps > 0 else total_steps
+        stop_step = total_steps
+        if max_minutes > 0:
+            eval_seconds = budget['eval_seconds']
+            run_start -= 60 * budget['minutes']
+            stop_step = max(iter_num + FIT_STEPS + 1, total_steps)  # past the fit, which refits to the minutes now
+        stop_step = min(stop_step, max_steps) if max_steps > 0 else stop_step
     else:
         budget = None  # from here on the schedule that epochs gives
     if iter_num >= stop_step and not eval_only:
