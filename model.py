@@ -966,12 +966,19 @@ class PuzzleEmbeddingSignSGD(torch.optim.Optimizer):
             dist.all_gather_into_tensor(all_grad, grad.contiguous())
             dist.all_gather_into_tensor(all_ids, ids)
             grad, ids = all_grad, all_ids
-        unique_ids, inverse = ids.unique(return_inverse=True)
-        summed = grad.new_zeros(unique_ids.shape[0], grad.shape[1]).index_add_(0, inverse, grad)
+        # the gradients of a duplicate id are summed before the sign, without ids.unique(): its data-dependent
+        # size would make the host wait for the GPU every step (and the next step's launches start from an
+        # idle GPU). Sorted, equal ids are runs; every row of a run gets the same new row,
+        # so the index_put below writes one value per id whichever duplicate lands last
+        ids, order = ids.sort()
+        run_start = torch.ones_like(ids, dtype=torch.bool)
+        run_start[1:] = ids[1:] != ids[:-1]
+        run_of_row = run_start.cumsum(0) - 1
+        summed = torch.zeros_like(grad).index_add_(0, run_of_row, grad[order])[run_of_row]
         for group in self.param_groups:
             weights = group["params"][0]
-            rows = weights[unique_ids] * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * summed.sign()
-            weights[unique_ids] = rows
+            rows = weights[ids] * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * summed.sign()
+            weights[ids] = rows
 
     def zero_grad(self, set_to_none=True):
         self.puzzle_emb.local_weights.grad = None
