@@ -28,7 +28,8 @@ In the order it runs:
     python bench.py --compile_mode=max-autotune-no-cudagraphs --step_backends=hopper --check=False --ops=False
     python bench.py --step_backends=hopper,unfused --check=False --ops=False  # what the fused SwiGLU saves
     python bench.py --act_continue=False --grad_L_steps=2 --mixer=mlp --check=False --ops=False  # sudoku_fast's step
-    python bench.py --profile=True --step_backends=hopper --check=False --ops=False   # where the step's time goes
+    python bench.py --profile=True --step_backends=hopper --check=False --ops=False   # where the step's time goes,
+                                                               # and where the host waits for the GPU
     python bench.py --device=cpu --dtype=float16               # dry run: interpreter, tiny shapes
 """
 import logging
@@ -264,6 +265,11 @@ def profile_step(train_step, label, timed_ms, n=5, top=15):
            " (the CPU dry run)") + f"; the {top} longest, per step:")
     for ms, calls, name in rows[:top]:
         print(f"  {ms:7.3f} ms {100 * ms / busy:5.1f}% {calls:5d} calls  {name[:100]}")
+    if device == 'cuda':
+        # where the host waits for the GPU, the GPU's queue runs dry and its next kernels wait for their launches
+        waits = {e.key: e.count for e in prof.key_averages()
+                 if e.key in ('cudaStreamSynchronize', 'cudaDeviceSynchronize')}
+        print(f"host syncs in the {n} steps (one cudaDeviceSynchronize ends them): {waits or 'none'}")
 
 
 if step != 'none':
