@@ -13,7 +13,8 @@ time step in time order (ETT's layout: date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT). E
 a variable, both input and forecast (multivariate: ETT's 'M' setting), unless --columns picks some. A row
 whose date does not parse, a cell that is not a number, a date earlier than the row before or equal to it
 stops the build with the file, line and reason; a missing cell (empty, NaN, NA, null) too, unless --fill
-says how to fill it: 'ffill' repeats the column's last value, 'linear' interpolates in time.
+says how to fill it: 'ffill' repeats the column's last value, 'linear' interpolates in time within each part
+of the split, so that no validation or test value reaches the training part (and its normalisation).
 
 The split is chronological. ETT files (named ETTh1, ETTh2, ETTm1, ETTm2 in any case, or --borders=ett) get the standard
 protocol of the literature, so that figures compare: 12 months of 30 days for training, 4 for validation,
@@ -68,7 +69,8 @@ DLINEAR_KERNEL = 25  # DLinear's moving average, in steps
 
 def read_series(path, date_column="date", columns=(), fill=""):
     """(timestamps (rows,) datetime64[s], values (rows, variables) float64, column names) of a CSV; a problem
-    is a DataError naming the file, line and reason. columns: the variables to keep (all others if empty)."""
+    is a DataError naming the file, line and reason. columns: the variables to keep (all others if empty).
+    With fill='linear' the missing cells stay NaN: build_series interpolates them once it knows the split."""
     if fill not in ("", "ffill", "linear"):
         raise DataError(f"fill={fill!r}: must be '', 'ffill' or 'linear'")
     if not columns and os.path.isfile(path):
@@ -121,26 +123,36 @@ def read_series(path, date_column="date", columns=(), fill=""):
         if not fill:
             raise DataError(f"{path} line {line}: {column} is missing ({text!r}); --fill=ffill or --fill=linear "
                             f"fills missing values")
-        values = fill_missing(values, timestamps, fill, path, lines, columns)
+        for j, column in enumerate(columns):
+            missing = np.isnan(values[:, j])
+            if missing.all():
+                raise DataError(f"{path}: {column} has no value at all")
+            if fill == "ffill":
+                if missing[0]:
+                    raise DataError(f"{path} line {lines[0]}: {column} is missing and no row before it has a value "
+                                    f"to repeat (--fill=linear takes the next one)")
+                values[:, j] = values[np.maximum.accumulate(np.where(missing, 0, np.arange(len(values)))), j]
     return timestamps, values, list(columns)
 
 
-def fill_missing(values, timestamps, fill, path, lines, columns):
-    """values with their NaNs filled: 'ffill' takes the column's last value before, 'linear' interpolates
-    between the values around in time (a run at either end takes the nearest value)."""
+def interpolate_within_parts(values, timestamps, ends, columns):
+    """values with their NaNs interpolated in time from the values of their own part of the split and the
+    parts before it (a run at a part's end takes the last value before it): a later part never fills an
+    earlier one."""
+    t = timestamps.astype(np.int64).astype(np.float64)
+    values = values.copy()
     for j, column in enumerate(columns):
-        missing = np.isnan(values[:, j])
-        if missing.all():
-            raise DataError(f"{path}: {column} has no value at all")
-        if fill == "ffill":
-            if missing[0]:
-                raise DataError(f"{path} line {lines[0]}: {column} is missing and no row before it has a value to "
-                                f"repeat (--fill=linear takes the next one)")
-            last = np.maximum.accumulate(np.where(missing, 0, np.arange(len(values))))
-            values[:, j] = values[last, j]
-        else:
-            t = timestamps.astype(np.int64).astype(np.float64)
-            values[missing, j] = np.interp(t[missing], t[~missing], values[~missing, j])
+        start = 0
+        for part, end in zip(("training", "validation", "test"), ends):
+            missing = np.isnan(values[start:end, j])
+            known = ~np.isnan(values[:end, j])
+            if missing.any() and not known.any():
+                raise DataError(f"{column} has no value in the {part} rows {start:,}-{end - 1:,} or before them, "
+                                f"so --fill=linear has nothing to interpolate from")
+            if missing.any():
+                values[start:end, j][missing] = np.interp(t[start:end][missing], t[:end][known],
+                                                          values[:end, j][known])
+            start = end
     return values
 
 
@@ -215,6 +227,8 @@ def build_series(timestamps, values, columns, out_path, borders="auto", is_ett=F
         borders = "ett" if is_ett else "0.7,0.1,0.2"
     ends = split_borders(borders, len(values), step_seconds)
     values, timestamps = values[:ends[2]], timestamps[:ends[2]]
+    if np.isnan(values).any():  # read_series's --fill=linear: interpolated within each part
+        values = interpolate_within_parts(values, timestamps, ends, columns)
     mean, std = values[:ends[0]].mean(0), values[:ends[0]].std(0)
     std[std == 0] = 1  # a column constant over the training rows is only centred, as StandardScaler does
     irregular = int((np.diff(timestamps).astype(np.int64) != step_seconds).sum())

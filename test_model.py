@@ -3114,10 +3114,30 @@ def test_fill_and_columns(tmp_path):
     path = write_series_csv(tmp_path / "gaps.csv", rows, header=("date", "a", "b", "note"))
     stamps, values, names = pt.read_series(path, columns=["a", "b"], fill="ffill")
     assert names == ["a", "b"] and values.tolist() == [[1, 10], [1, 10], [4, 40]]
-    _, values, _ = pt.read_series(path, columns=["b", "a"], fill="linear")  # interpolated in time: 1 h of 3
-    assert values.tolist() == [[10, 1], [20, 2], [40, 4]] and stamps[2] == np.datetime64("2021-03-01T03:00")
+    # linear: left for build_series, which interpolates within each part of the split
+    _, values, _ = pt.read_series(path, columns=["b", "a"], fill="linear")
+    assert np.isnan(values[1]).all() and values[[0, 2]].tolist() == [[10, 1], [40, 4]]
     with pytest.raises(dataset.DataError, match="line 2: note is 'x', not a number"):
         pt.read_series(path, fill="ffill")
+
+
+def test_linear_fill_interpolates_within_each_part_of_the_split(tmp_path):
+    # rows 0-6 train, 7-8 validation, 9 test; the gaps straddle both borders
+    rows = [[str(t), "" if t in (5, 6, 7, 9) else str(10 * t)] for t in range(10)]
+    rows[4][1] = "100"
+    path = write_series_csv(tmp_path / "gaps.csv", [[f"2021-03-01 {t.zfill(2)}:00", a] for t, a in rows],
+                            header=("date", "a"))
+    stamps, values, names = pt.read_series(path, fill="linear")
+    pt.build_series(stamps, values, names, str(tmp_path / "data" / "gaps"), "7,9,10", log=quiet)
+    series = dataset.SeriesData(str(tmp_path / "data" / "gaps"))
+    filled = series.values[:, 0] * series.std[0] + series.mean[0]
+    # the training part's last cells hold its last value (100 at 04:00): the validation value 80 at 08:00
+    # neither pulls them down nor enters the training mean; the validation part's first cell interpolates
+    # between 04:00 and 08:00, and the test part's only cell takes the last value before it
+    assert np.allclose(filled, [0, 10, 20, 30, 100, 100, 100, 90, 80, 80], atol=1e-4)  # float32 on disk
+    assert np.isclose(series.mean[0], np.mean([0, 10, 20, 30, 100, 100, 100]))
+    with pytest.raises(dataset.DataError, match="a has no value in the training rows 0-1 or before them"):
+        pt.build_series(stamps[5:], values[5:], names, str(tmp_path / "data" / "late"), "2,4,5", log=quiet)
 
 
 def test_bad_csv_on_the_command_line_is_one_line(tmp_path):
