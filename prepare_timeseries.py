@@ -140,18 +140,15 @@ def interpolate_within_parts(values, timestamps, ends, columns):
     parts before it (a run at a part's end takes the last value before it): a later part never fills an
     earlier one."""
     t = timestamps.astype(np.int64).astype(np.float64)
-    values = values.copy()
+    read, values = values, values.copy()  # interpolated between values read, never between filled ones
     for j, column in enumerate(columns):
+        if np.isnan(read[:ends[0], j]).all():
+            raise DataError(f"{column} has no value in the training rows 0-{ends[0] - 1:,}: --fill=linear has "
+                            f"nothing to interpolate from")
         start = 0
-        for part, end in zip(("training", "validation", "test"), ends):
-            missing = np.isnan(values[start:end, j])
-            known = ~np.isnan(values[:end, j])
-            if missing.any() and not known.any():
-                raise DataError(f"{column} has no value in the {part} rows {start:,}-{end - 1:,} or before them, "
-                                f"so --fill=linear has nothing to interpolate from")
-            if missing.any():
-                values[start:end, j][missing] = np.interp(t[start:end][missing], t[:end][known],
-                                                          values[:end, j][known])
+        for end in ends:
+            missing, known = np.isnan(read[start:end, j]), ~np.isnan(read[:end, j])
+            values[start:end, j][missing] = np.interp(t[start:end][missing], t[:end][known], read[:end, j][known])
             start = end
     return values
 

@@ -3133,10 +3133,10 @@ def test_linear_fill_interpolates_within_each_part_of_the_split(tmp_path):
     filled = series.values[:, 0] * series.std[0] + series.mean[0]
     # the training part's last cells hold its last value (100 at 04:00): the validation value 80 at 08:00
     # neither pulls them down nor enters the training mean; the validation part's first cell interpolates
-    # between 04:00 and 08:00, and the test part's only cell takes the last value before it
-    assert np.allclose(filled, [0, 10, 20, 30, 100, 100, 100, 90, 80, 80], atol=1e-4)  # float32 on disk
+    # between the values read at 04:00 and 08:00, and the test part's only cell takes the last value before it
+    assert np.allclose(filled, [0, 10, 20, 30, 100, 100, 100, 85, 80, 80], atol=1e-4)  # float32 on disk
     assert np.isclose(series.mean[0], np.mean([0, 10, 20, 30, 100, 100, 100]))
-    with pytest.raises(dataset.DataError, match="a has no value in the training rows 0-1 or before them"):
+    with pytest.raises(dataset.DataError, match="a has no value in the training rows 0-1: --fill=linear has nothing"):
         pt.build_series(stamps[5:], values[5:], names, str(tmp_path / "data" / "late"), "2,4,5", log=quiet)
 
 
@@ -3436,6 +3436,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     too_short = start_script("train.py", args, cwd=synthetic_run, check=False)
     args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--init_from=reference", "--reference_checkpoint=x.pt"]
     not_puzzles = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
+    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--loss_type=softmax"]
+    puzzle_option = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
     plot_folder = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", f"--plot={tmp_path}"],
                                cwd=synthetic_run, check=False)
     capped = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", "--max_puzzles=3"], cwd=synthetic_run,
@@ -3466,6 +3468,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     one_line_error(too_short.result(), "the train part (rows 0 to 1,120) is too short for one window")
     one_line_error(not_puzzles.result(),
                    "init_from='reference' loads the original's puzzle HRM, but data/synthetic is a time series")
+    one_line_error(puzzle_option.result(),
+                   "loss_type='softmax' is for puzzle datasets, and data/synthetic is a time series")
 
 
 @pytest.mark.skipif(not os.path.isfile(SHARED_ETTH1), reason="ETTh1.csv (../shared/data/timeseries) is not here")
@@ -3600,6 +3604,12 @@ def reverse_task(tmp_path_factory):
         splits[split] = (arrays, dataset.metadata(arrays, None, vocab_size=11))
     dataset.write_dataset(str(root / "data" / "reverse"), splits, ["<blank>"])
     return root
+
+
+def test_train_refuses_a_time_series_option_for_puzzles(reverse_task, tmp_path):
+    args = ["--dataset=reverse", f"--out_dir={tmp_path}", "--ts_layout=time"] + TINY_MODEL
+    one_line_error(run_script("train.py", args, cwd=reverse_task, check=False),
+                   "ts_layout='time' is for time-series datasets, and data/reverse is a puzzle dataset")
 
 
 def read_eval_log(out_dir):

@@ -116,6 +116,9 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 FIXED_KEYS = ('H_cycles', 'L_cycles', 'H_layers', 'L_layers', 'hidden_size', 'num_heads', 'expansion', 'pos_encodings',
               'mixer', 'puzzle_emb_ndim', 'loss_type', 'dataset', 'global_batch_size', 'optimizer', 'input_len',
               'horizon', 'ts_layout', 'ts_head', 'patch_len', 'ts_loss')  # what a resume cannot change
+# read only for one kind of dataset: set for the other, they are refused rather than ignored
+SERIES_KEYS = ('input_len', 'horizon', 'ts_layout', 'ts_head', 'patch_len', 'ts_loss', 'halt_tolerance')
+PUZZLE_KEYS = ('loss_type', 'puzzle_emb_ndim', 'puzzle_emb_lr', 'puzzle_emb_weight_decay')
 # taken from this machine and command, never from the checkpoint (the run's folder may have been moved or copied)
 MACHINE_KEYS = ('device', 'dtype', 'compile', 'backend', 'out_dir')
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -185,7 +188,8 @@ torch.backends.cudnn.allow_tf32 = True
 # data, model, optimizers, and the state to resume from
 
 data_dir = os.path.join('data', dataset)
-if os.path.isfile(os.path.join(data_dir, 'dataset.json')):  # a time series: windows cut from one series
+is_series = os.path.isfile(os.path.join(data_dir, 'dataset.json'))  # a time series: windows cut from one series
+if is_series:
     series = SeriesData(data_dir)
     meta, train_data = series.meta, Windows(series, 'train', input_len, horizon)
     train_batches = WindowBatches(train_data, global_batch_size, rank, world_size, seed)
@@ -205,6 +209,10 @@ else:  # puzzles: examples in train/ and test/
                       loss_type=loss_type)
     examples_per_epoch = train_data.num_groups * meta['mean_puzzle_examples']
     described = f"{train_data.num_examples:,} training examples in {train_data.num_groups:,} groups"
+ignored = [k for k in (PUZZLE_KEYS if is_series else SERIES_KEYS) if k in config_overrides]
+if ignored:
+    raise DataError(f"{ignored[0]}={config_overrides[ignored[0]]!r} is for {'puzzle' if is_series else 'time-series'} "
+                    f"datasets, and {data_dir} is {'a time series' if is_series else 'a puzzle dataset'}")
 task = task_of(meta.get('task'), meta.get('seq_len'), meta.get('vocab_size'))
 task_evaluate = task_vote = None  # the task's own metrics, from prepare_<task>.py
 if task:
@@ -229,7 +237,7 @@ decay_anchor = (warmup_steps, 0.0)  # (step, progress): the decay's progress run
 budget = None  # a resumed budgeted run's checkpoint['budget']: its schedule, minutes used and evaluation's seconds
 torch.manual_seed(seed)  # the same initial weights in every process
 if init_from == 'reference':
-    if 'horizon' in model_args:
+    if is_series:
         raise DataError(f"init_from='reference' loads the original's puzzle HRM, but {data_dir} is a time series")
     model = load_reference_checkpoint(reference_checkpoint, model_args)
 else:
