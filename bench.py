@@ -267,9 +267,11 @@ def profile_step(train_step, label, timed_ms, n=5, top=15):
         print(f"  {ms:7.3f} ms {100 * ms / busy:5.1f}% {calls:5d} calls  {name[:100]}")
     if device == 'cuda':
         # where the host waits for the GPU, the GPU's queue runs dry and its next kernels wait for their launches
-        waits = {e.key: e.count for e in prof.key_averages()
-                 if e.key in ('cudaStreamSynchronize', 'cudaDeviceSynchronize')}
-        print(f"host syncs in the {n} steps (one cudaDeviceSynchronize ends them): {waits or 'none'}")
+        syncs = {e.key: e.count for e in prof.key_averages()
+                 if e.key in ('cudaStreamSynchronize', 'cudaEventSynchronize', 'cudaDeviceSynchronize')}
+        syncs['cudaDeviceSynchronize'] = syncs.get('cudaDeviceSynchronize', 0) - 1  # the one after the n steps
+        print("host syncs per step: " + (", ".join(f"{calls / n:g} {name}" for name, calls in syncs.items() if calls)
+                                         or "none"))
 
 
 if step != 'none':
