@@ -641,6 +641,20 @@ class SeriesData:
             if not ok:
                 raise DataError(os.path.join(path, message))
 
+    def record(self):
+        """What ties a model to this series (kept in its checkpoint): the columns, the split, the normalisation."""
+        return dict(columns=self.columns, borders=self.borders, mean=self.meta["mean"], std=self.meta["std"])
+
+    def changes_since(self, record):
+        """How this series differs from `record` (a checkpoint's record of the series it trained on), or ''."""
+        if record["columns"] != self.columns:
+            return f"its columns were {', '.join(record['columns'])} and are now {', '.join(self.columns)}"
+        if record["borders"] != self.borders:
+            return f"its parts ended at rows {record['borders']} and now end at {self.borders}"
+        if not np.allclose(record["mean"] + record["std"], self.meta["mean"] + self.meta["std"], rtol=1e-6, atol=0):
+            return "its normalisation (the training rows' mean and standard deviation) changed"
+        return ""
+
     def window_starts(self, split, input_len, horizon):
         """The first rows of the split's windows, in order (stride 1)."""
         end = self.borders[SPLITS.index(split)]

@@ -93,6 +93,11 @@ def read_series(path, date_column="date", columns=(), fill=""):
         except ValueError:
             raise DataError(f"{path} line {line}: {date_column} {row[date_column]!r} is not a date and time "
                             f"(YYYY-MM-DD or YYYY-MM-DD HH:MM:SS)") from None
+        if not lines:
+            first_offset = (line, row[date_column], stamp.tzinfo is not None)
+        elif (stamp.tzinfo is not None) != first_offset[2]:  # UTC for some rows, local time for others: no order
+            raise DataError(f"{path} line {line}: {date_column} {row[date_column]!r} and line {first_offset[0]}'s "
+                            f"{first_offset[1]!r} differ in having a UTC offset: give every date one, or none")
         values = []
         for column in columns:
             text = row[column]

@@ -112,7 +112,8 @@ def load_model():
                              "as trained, not the average the run kept"))
     elif 'weight_average' in config_overrides:
         print("weights: as trained (the run kept no average of them)")
-    global dataset, halt_adaptive
+    global dataset, halt_adaptive, trained_series
+    trained_series = None if dataset else checkpoint.get('series')  # --dataset may name another series on purpose
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     # ACT can think longer than it was trained to; unset: as long as the run evaluated (eval_halt_max_steps)
     model.config.halt_max_steps = halt_max_steps or checkpoint['config'].get('eval_halt_max_steps') or \
@@ -342,6 +343,10 @@ def timeseries(model, forward):
     series = SeriesData(os.path.join('data', dataset))
     if series.num_features != config.num_features:
         raise DataError(f"{series.path} has {series.num_features} variables, the model forecasts {config.num_features}")
+    changed = trained_series and series.changes_since(trained_series)
+    if changed:
+        raise DataError(f"{series.path} was rebuilt since {out_dir}/ckpt.pt was trained: {changed} (--dataset "
+                        f"forecasts another series with this model)")
     if split not in ('val', 'test'):
         raise DataError(f"split={split!r}: must be 'val' or 'test'")
     windows = Windows(series, split, config.input_len, config.horizon)

@@ -3086,6 +3086,8 @@ def test_calendar_features():
      "line 3: date 2021-03-01 00:00:00 is earlier than line 2's 2021-03-01 01:00:00: rows must be in time order"),
     ([["2021-03-01 00:00", "1", "2"], ["2021-03-01 00:00", "1", "3"]], "", "line 3: date 2021-03-01 00:00:00 repeats"),
     ([["01/03/2021", "1", "2"]], "", "line 2: date '01/03/2021' is not a date and time"),
+    ([["2021-03-01 00:00+01:00", "1", "2"], ["2021-03-01 01:00", "1", "3"]], "",
+     "line 3: date '2021-03-01 01:00' and line 2's '2021-03-01 00:00+01:00' differ in having a UTC offset"),
     ([["2021-03-01 00:00", "", "2"], ["2021-03-01 01:00", "1", "3"]], "ffill", "line 2: a is missing and no row"),
     ([["2021-03-01 00:00", "1", "2", "9"]], "", "line 2: expected 3 fields"),
     ([], "", "no rows"),
@@ -3610,6 +3612,22 @@ def reverse_task(tmp_path_factory):
     return root
 
 
+def test_a_rebuilt_series_is_refused_by_the_runs_trained_on_it(synthetic_run, tmp_path, start_script):
+    # the same series split elsewhere: a resume would train on windows that were the validation part's,
+    # and sample.py would score part of the training data as test data
+    shutil.copytree(synthetic_run / "out", tmp_path / "out")
+    result = run_prepare("--synthetic_rows=1600", "--borders=0.5,0.2,0.3", cwd=tmp_path, script="prepare_timeseries.py")
+    assert result.returncode == 0, result.stderr
+    resumed = start_script("train.py", [f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_steps=60"],
+                           cwd=tmp_path, check=False)
+    sampled = start_script("sample.py", [f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path, check=False)
+    other = start_script("sample.py", [f"--out_dir={tmp_path / 'out'}", "--dataset=synthetic"], cwd=tmp_path)
+    one_line_error(resumed.result(), "data/synthetic was rebuilt since " + str(tmp_path / "out" / "ckpt.pt") +
+                   " was trained: its parts ended at rows [1120, 1280, 1600] and now end at [800, 1120, 1600]")
+    one_line_error(sampled.result(), "data/synthetic was rebuilt since")
+    assert "model" in other.result().stdout  # a series named with --dataset is forecast as asked
+
+
 def test_train_refuses_a_time_series_option_for_puzzles(reverse_task, tmp_path):
     args = ["--dataset=reverse", f"--out_dir={tmp_path}", "--ts_layout=time"] + TINY_MODEL
     one_line_error(run_script("train.py", args, cwd=reverse_task, check=False),
@@ -3674,7 +3692,7 @@ def test_resumed_run_reaches_the_same_weights(reverse_task, tmp_path, start_scri
     assert load_checkpoint(parts)["iter_num"] == 10
     # a resume takes the run's own config from the checkpoint: only what the command sets changes
     resumed = run_script("train.py", [f"--out_dir={parts}", "--max_steps=30", "--init_from=resume"], cwd=reverse_task)
-    assert "resuming from" in resumed.stdout and "at step 10" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "at step 10, with settings changed by this command: max_steps 10 -> 30\n" in resumed.stdout
     whole_run.result()
     a, b = load_checkpoint(whole), load_checkpoint(parts)
     assert a["iter_num"] == b["iter_num"] == 30 and a["loader"] == b["loader"]
@@ -3708,8 +3726,10 @@ def test_a_resume_takes_its_optimizer_settings_and_its_folder_from_the_command(r
     work.mkdir()
     (work / "data").symlink_to(os.path.join(reverse_task, "data"))
     shutil.copytree(first, work / "out-sudoku")
-    run_script("train.py", ["--init_from=resume", "--max_steps=20", "--weight_decay=0.5", "--beta2=0.99",
-                            "--puzzle_emb_weight_decay=0.7"], cwd=work)
+    result = run_script("train.py", ["--init_from=resume", "--max_steps=20", "--weight_decay=0.5", "--beta2=0.99",
+                                     "--puzzle_emb_weight_decay=0.7"], cwd=work)
+    assert ("at step 10, with settings changed by this command: max_steps 10 -> 20, weight_decay 1.0 -> 0.5, "
+            "beta2 0.95 -> 0.99, puzzle_emb_weight_decay 1.0 -> 0.7") in result.stdout
     resumed = load_checkpoint(work / "out-sudoku")
     assert resumed["iter_num"] == 20 and resumed["config"]["out_dir"] == "out-sudoku"
     assert [l["step"] for l in read_eval_log(work / "out-sudoku")] == [10, 20]

@@ -122,11 +122,13 @@ PUZZLE_KEYS = ('loss_type', 'puzzle_emb_ndim', 'puzzle_emb_lr', 'puzzle_emb_weig
 # taken from this machine and command, never from the checkpoint (the run's folder may have been moved or copied)
 MACHINE_KEYS = ('device', 'dtype', 'compile', 'backend', 'out_dir')
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-checkpoint = None
+checkpoint, changed_settings = None, []
 if init_from == 'resume':
     checkpoint = load_checkpoint(ckpt_path)
     for k in config_keys:
         saved = checkpoint['config'].get(k, globals()[k])
+        if k in config_overrides and k not in MACHINE_KEYS + ('init_from',) and config_overrides[k] != saved:
+            changed_settings.append(f"{k} {saved!r} -> {config_overrides[k]!r}")
         if k in config_overrides and k in FIXED_KEYS and config_overrides[k] != saved:
             raise DataError(f"{k}={config_overrides[k]!r}, but the run in {ckpt_path} has {saved!r}; a resumed run "
                             f"keeps it (train from scratch in another out_dir to change it)")
@@ -248,6 +250,10 @@ if checkpoint is not None:
                      'halt_adaptive', 'grad_L_steps', 'fp8', 'halt_tolerance') and model_args.get(k) != v:
             raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
                             f"(was {data_dir} rebuilt?)")
+    changed = is_series and checkpoint.get('series') and series.changes_since(checkpoint['series'])
+    if changed:  # its windows, their split and their scale would no longer be the run's
+        raise DataError(f"{data_dir} was rebuilt since {ckpt_path} was trained: {changed}; train from scratch in "
+                        f"another out_dir")
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
     budget = checkpoint.get('budget')
@@ -297,7 +303,11 @@ if checkpoint is not None:
     elif master_process:
         print(f"resuming on {world_size} processes from {checkpoint['world_size']}: exploration is reseeded")
     if master_process:
-        print(f"resuming from {ckpt_path} at step {iter_num:,}")
+        # a config file's settings count as given too: repeating the first command's file undoes what was
+        # given beside it then, so say what this command changes
+        print(f"resuming from {ckpt_path} at step {iter_num:,}" +
+              (f", with settings changed by this command: {', '.join(changed_settings)}" if changed_settings else
+               ", with the run's settings unchanged"))
     checkpoint = None
 if compile:
     model = torch.compile(model)
@@ -373,7 +383,7 @@ def save_checkpoint():
         dist.all_gather_object(rngs, rng)
     if master_process:
         checkpoint = dict(model=raw_model.state_dict(), model_args=model_args, config=config, iter_num=iter_num,
-                          task=task,
+                          task=task, series=series.record() if is_series else None,
                           optimizer=dense_optimizer.state_dict(),
                           sparse_optimizer=sparse_optimizer.state_dict() if sparse_optimizer else None,
                           loader=train_batches.state_dict(), carry=saved_carry, rng=rngs, world_size=world_size,
