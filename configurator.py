@@ -10,9 +10,11 @@ wherever they stand on the command line. Either way only the keys in config_keys
 keeps its default's type (an int may stand for a float): --key=value is read as that type, so a string
 stays a string (--puzzle=4000008050... is text, not a number). A problem is one line naming the argument.
 What the arguments set is left in config_overrides (key -> value): a resumed run re-applies only those.
+-h or --help prints the script's docstring and every setting with its default.
 """
 import ast
 import builtins
+import os
 import sys
 from ast import literal_eval
 
@@ -32,6 +34,15 @@ def _typed(value, default, where):
     return value
 
 
+if {'-h', '--help'} & set(sys.argv[1:]):  # the script's docstring, then every setting with its default
+    _doc = ''  # read from the script's file: this file's own docstring has replaced the script's __doc__ by now
+    if os.path.isfile(sys.argv[0]):
+        with open(sys.argv[0]) as _f:
+            _doc = (ast.get_docstring(ast.parse(_f.read())) or '') + "\n\n"
+    print(_doc + "settings (config files or --key=value) and their defaults:")
+    for _key in config_keys:
+        print(f"  --{_key}={globals()[_key]!r}")
+    raise SystemExit(0)
 config_overrides = {}
 for _arg in sorted(sys.argv[1:], key=lambda a: a.startswith('--')):  # files first: the command line wins
     if _arg.startswith('--') and '=' in _arg:

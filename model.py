@@ -1026,6 +1026,9 @@ def load_reference_checkpoint(state_dict, reference_config, **overrides):
     where = state_dict if isinstance(state_dict, str) else "the checkpoint"
     if isinstance(state_dict, str):
         state_dict = load_checkpoint(state_dict, required=())
+    if {"model", "model_args", "iter_num"} <= set(state_dict):
+        raise DataError(f"{where} was saved by this repository's train.py, not the original implementation: "
+                        f"continue it with --init_from=resume and its folder as --out_dir")
     model = HRM(config_from_reference(reference_config, **overrides))
     converted = convert_reference_state_dict(state_dict)
     expected = model.state_dict()

@@ -60,8 +60,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import (BadRows, DataError, SeriesData, Windows, eval_batches, exit_cleanly, is_csv_header, task_of,
-                     write_text_atomically)
+from dataset import (BadRows, DataError, SeriesData, Windows, check_ranges, eval_batches, exit_cleanly, is_csv_header,
+                     task_of, write_text_atomically)
 from model import build_model, check_device, check_fp8, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -208,10 +208,9 @@ def sudoku(model, forward):
             bad = BadRows(skip_bad=True)
             try:
                 questions, answers, _, lines = ps.read_sudoku_csv(puzzles, bad=bad, need_answers=False)
-            except DataError as e:
+            except DataError as e:  # about the whole file (its rows' problems are counted below)
                 questions, answers, lines = [], None, []
                 print(f"sample.py: {e}")
-                errors += 1
             entries += [(f"{puzzles} line {line}", q, None if answers is None else answers[i])
                         for i, (line, q) in enumerate(zip(lines, questions))]
             for line in bad.report():
@@ -396,14 +395,16 @@ if __name__ == '__main__':
     exit_cleanly('sample.py')  # bad input ends with one line, not a traceback
     defaults = {k: globals()[k] for k in TASK_OPTIONS}
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    if batch_size < 1 or max_puzzles < 0 or halt_max_steps < 0:
-        raise DataError("batch_size must be >= 1, max_puzzles and halt_max_steps >= 0")
+    check_ranges(globals(), [('batch_size', batch_size >= 1, '>= 1'),
+                             ('max_puzzles', max_puzzles >= 0, '>= 0 (0: all)'),
+                             ('halt_max_steps', halt_max_steps >= 0, ">= 0 (0: the run's own)")])
     if show_steps and halt_adaptive:
         raise DataError("show_steps shows every segment of every input: leave halt_adaptive off with it")
     if votes < 1 or (votes > 1 and show_steps):
         raise DataError(f"votes={votes}: must be >= 1, and 1 with show_steps (which shows one run of each input)")
     if puzzles and not os.path.isfile(puzzles):
-        raise DataError(f"{puzzles}: no such file")
+        raise DataError(f"{puzzles}: a directory, not a file of puzzles" if os.path.isdir(puzzles) else
+                        f"{puzzles}: no such file")
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise DataError(f"dtype={dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
     check_device(device)

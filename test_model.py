@@ -177,6 +177,9 @@ def test_reference_loader_names_bad_keys():
     broken["_orig_mod.model.inner.extra.weight"] = torch.zeros(1)
     with pytest.raises(dataset.DataError, match=r"missing \['q_head.bias'\].*unexpected \['extra.weight'\]"):
         load_reference_checkpoint(broken, config)
+    ours = dict(model=model.state_dict(), model_args={}, config={}, iter_num=10)  # what train.py saves
+    with pytest.raises(dataset.DataError, match="saved by this repository's train.py, not the original"):
+        load_reference_checkpoint(ours, config)
     with pytest.raises(ValueError, match="unknown keys in the reference config: mystery_knob"):
         config_from_reference(dict(config, mystery_knob=1))
     # a whole training config with the model under 'arch' and the loss named as the original names it
@@ -3540,6 +3543,16 @@ def test_configurator_rejects_what_it_cannot_apply(tmp_path, args, file_text, me
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_help_prints_the_scripts_docstring_and_every_setting():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "prepare_maze.py"), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("Build a Maze-Hard dataset"), result.stderr
+    assert "\nsettings (config files or --key=value) and their defaults:\n  --source='generate'\n" in result.stdout
+    result = run_configured(["-h"])
+    assert result.returncode == 0 and result.stdout.splitlines()[-4:] == [
+        "  --name='x'", "  --steps=3", "  --rate=0.5", "  --flag=False"], result.stderr
+
+
 def test_config_files_set_only_what_they_assign(tmp_path):
     (tmp_path / "cfg.py").write_text("import math\nsteps = int(math.sqrt(16))\nrate = steps / 8\n")
     result = run_configured(["cfg.py", "--flag=True"], cwd=tmp_path)
@@ -4257,14 +4270,16 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     batch_size = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--batch_size=-1"],
                               cwd=tmp_path, check=False)
     missing = start_script("sample.py", [f"--out_dir={out}", "--puzzles=missing.txt"], cwd=tmp_path, check=False)
+    folder = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={tmp_path}"], cwd=tmp_path, check=False)
     bad_dtype = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--dtype=fp32"], cwd=tmp_path,
                              check=False)
     one_line_error(no_run.result(), "no such file (train a model with train.py, or set --out_dir)")
     one_line_error(bad_dtype.result(), "dtype='fp32': must be 'float32', 'bfloat16' or 'float16'")
     nothing = nothing.result()
     assert nothing.returncode != 0 and "no puzzle could be read (1 had errors)" in nothing.stderr
-    one_line_error(batch_size.result(), "batch_size must be >= 1")
+    one_line_error(batch_size.result(), "batch_size=-1: must be >= 1")
     one_line_error(missing.result(), "missing.txt: no such file")
+    one_line_error(folder.result(), f"{tmp_path}: a directory, not a file of puzzles")
 
     # a CSV whose header is quoted is still a CSV; a file with no puzzles says so
     quoted = tmp_path / "quoted.csv"
@@ -4278,7 +4293,7 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     one_line_error(runs[1].result(), "blank.txt: no puzzles in it")
     header_only = runs[2].result()
     assert "sample.py: header.csv: no usable puzzles" in header_only.stdout
-    one_line_error(header_only, "no puzzle could be read (1 had errors)")
+    one_line_error(header_only, "header.csv: no puzzles in it")
 
 
 # -----------------------------------------------------------------------------
