@@ -228,6 +228,7 @@ def build_series(timestamps, values, columns, out_path, borders="auto", is_ett=F
     if borders == "auto":
         borders = "ett" if is_ett else "0.7,0.1,0.2"
     ends = split_borders(borders, len(values), step_seconds)
+    unused = len(values) - ends[2]
     values, timestamps = values[:ends[2]], timestamps[:ends[2]]
     if np.isnan(values).any():  # read_series's --fill=linear: interpolated within each part
         values = interpolate_within_parts(values, timestamps, ends, columns)
@@ -241,7 +242,8 @@ def build_series(timestamps, values, columns, out_path, borders="auto", is_ett=F
                   timestamps=timestamps.astype("datetime64[s]"))
     log(f"{len(values):,} rows of {len(columns)} variables ({', '.join(columns)}) from {meta['start']} to "
         f"{meta['end']}, a step of {step_seconds} s; train rows 0-{ends[0] - 1:,}, val {ends[0]:,}-{ends[1] - 1:,}, "
-        f"test {ends[1]:,}-{ends[2] - 1:,}" + (f"; {irregular:,} steps differ from it (gaps?)" if irregular else ""))
+        f"test {ends[1]:,}-{ends[2] - 1:,}" + (f" (the {unused:,} rows after it are not used)" if unused else "") +
+        (f"; {irregular:,} steps differ from it (gaps?)" if irregular else ""))
     return write_series(out_path, arrays, meta)
 
 

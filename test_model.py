@@ -3130,6 +3130,14 @@ def test_fill_and_columns(tmp_path):
         pt.read_series(path, fill="ffill")
 
 
+def test_rows_after_the_test_part_are_said_to_be_unused(tmp_path):
+    said = []
+    pt.build_series(hourly(50), np.arange(50.0)[:, None], ["a"], str(tmp_path / "data" / "cut"), "20,30,40",
+                    log=said.append)
+    assert "test 30-39 (the 10 rows after it are not used)" in said[0]
+    assert dataset.SeriesData(str(tmp_path / "data" / "cut")).values.shape == (40, 1)
+
+
 def test_linear_fill_interpolates_within_each_part_of_the_split(tmp_path):
     # rows 0-6 train, 7-8 validation, 9 test; the gaps straddle both borders
     rows = [[str(t), "" if t in (5, 6, 7, 9) else str(10 * t)] for t in range(10)]
