@@ -660,9 +660,12 @@ class SeriesData:
         end = self.borders[SPLITS.index(split)]
         begin = (0, *self.borders)[SPLITS.index(split)]
         first, last = max(begin - input_len, 0), end - input_len - horizon
-        if last < first:
-            raise DataError(f"{self.path}: the {split} part (rows {begin:,} to {end:,}) is too short for one window of "
-                            f"input_len={input_len} + horizon={horizon}")
+        if last < first:  # a window's history may reach back into the parts before
+            need = (f"horizon={horizon} rows (its windows' input_len={input_len} steps of history come from the "
+                    f"rows before it)" if begin >= input_len else
+                    f"{input_len - begin + horizon:,} rows for one window of input_len={input_len} + horizon={horizon}")
+            raise DataError(f"{self.path}: the {split} part (rows {begin:,}-{end - 1:,}) is too short: it needs "
+                            f"{need}")
         return np.arange(first, last + 1)
 
     def batch(self, starts, input_len, horizon, pad_to):

@@ -3047,8 +3047,10 @@ def test_windows_follow_the_borders_and_only_training_rows_set_the_scale(tmp_pat
     for spec in ("0.7,0.2", "0.5,0.1,0.2", "150,100,190", "100,150,250", "ett", "x"):
         with pytest.raises(dataset.DataError, match="borders="):
             pt.split_borders(spec, 200, 3600 if spec != "ett" else 7)
-    with pytest.raises(dataset.DataError, match="the val part .* too short for one window of input_len=24 \\+ horiz"):
+    # a later part's windows take their history from the part before: it needs only the horizon
+    with pytest.raises(dataset.DataError, match=r"the val part \(rows 140-159\) is too short: it needs horizon=30 rows"):
         dataset.Windows(series, "val", 24, 30)
+    assert dataset.Windows(series, "val", 100, 20).num_examples == 1
 
 
 @pytest.mark.parametrize("key, value, reason", [
@@ -3482,7 +3484,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     one_line_error(plot_folder.result(), f"plot={str(tmp_path)!r} is a directory: give an SVG file's path")
     one_line_error(capped.result(), "max_puzzles=3: for sudoku and maze models, and this is a timeseries model")
     one_line_error(unplotted.result(), "window and variable pick what --plot draws: give --plot=<an SVG file>")
-    one_line_error(too_short.result(), "the train part (rows 0 to 1,120) is too short for one window")
+    one_line_error(too_short.result(), "the train part (rows 0-1,119) is too short: it needs 2,096 rows for one window of "
+                   "input_len=2000 + horizon=96")
     one_line_error(not_puzzles.result(),
                    "init_from='reference' loads the original's puzzle HRM, but data/synthetic is a time series")
     one_line_error(puzzle_option.result(),
