@@ -19,6 +19,9 @@ import sys
 from ast import literal_eval
 
 
+_SCRIPT = os.path.basename(sys.argv[0]) + ": " if sys.argv[0].endswith(".py") else ""  # errors name the script
+
+
 def _typed(value, default, where):
     """value as the type of default (value is a string from the command line, or a config file's object)."""
     kind = type(default)
@@ -30,7 +33,7 @@ def _typed(value, default, where):
     if kind is float and type(value) is int:
         value = float(value)
     if type(value) is not kind:
-        raise SystemExit(f"{where}: expected {kind.__name__} (default {default!r}), got {value!r}")
+        raise SystemExit(f"{_SCRIPT}{where}: expected {kind.__name__} (default {default!r}), got {value!r}")
     return value
 
 
@@ -48,7 +51,7 @@ for _arg in sorted(sys.argv[1:], key=lambda a: a.startswith('--')):  # files fir
     if _arg.startswith('--') and '=' in _arg:
         _key, _val = _arg[2:].split('=', 1)
         if _key not in config_keys:
-            raise SystemExit(f"{_arg}: unknown config key {_key!r}")
+            raise SystemExit(f"{_SCRIPT}{_arg}: unknown config key {_key!r}")
         globals()[_key] = config_overrides[_key] = _typed(_val, globals()[_key], _arg)
         print(f"Overriding: {_key} = {globals()[_key]!r}")
     elif _arg.endswith('.py') and not _arg.startswith('-'):
@@ -56,20 +59,20 @@ for _arg in sorted(sys.argv[1:], key=lambda a: a.startswith('--')):  # files fir
             with open(_arg) as _f:
                 _source = _f.read()
         except OSError as _e:
-            raise SystemExit(f"{_arg}: cannot read this config file ({_e.strerror})")
+            raise SystemExit(f"{_SCRIPT}{_arg}: cannot read this config file ({_e.strerror})")
         print(f"Overriding config with {_arg}")
         _namespace = {_k: globals()[_k] for _k in config_keys}
         try:
             _tree = ast.parse(_source, _arg)
             exec(builtins.compile(_tree, _arg, "exec"), _namespace)  # `compile` may be a config key
         except Exception as _e:
-            raise SystemExit(f"{_arg}: {type(_e).__name__}: {_e}")
+            raise SystemExit(f"{_SCRIPT}{_arg}: {type(_e).__name__}: {_e}")
         _assigned = {_n.id for _n in ast.walk(_tree) if isinstance(_n, ast.Name) and isinstance(_n.ctx, ast.Store)}
         for _key, _val in _namespace.items():
             if _key.startswith('_') or type(_val).__name__ == 'module' or _key not in _assigned:
                 continue  # not a setting, or not set by this file
             if _key not in config_keys:
-                raise SystemExit(f"{_arg}: unknown config key {_key!r}")
+                raise SystemExit(f"{_SCRIPT}{_arg}: unknown config key {_key!r}")
             globals()[_key] = config_overrides[_key] = _typed(_val, globals()[_key], f"{_arg}: {_key}")
     else:
-        raise SystemExit(f"{_arg}: expected --key=value or a config file ending in .py")
+        raise SystemExit(f"{_SCRIPT}{_arg}: expected --key=value or a config file ending in .py")
