@@ -3478,7 +3478,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     assert float(rows["dlinear"][0]) == pytest.approx(log[-1]["dlinear_mse"], abs=1e-4) and "last_value" in rows
     import xml.etree.ElementTree as ET
     assert "demand: test window 3" in ET.parse(plot).getroot().findtext("{http://www.w3.org/2000/svg}text")
-    retargeted.result()
+    evaluated = retargeted.result().stdout  # the validation part's figures apart from the test part's
+    assert "): eval val forecast_loss " in evaluated and "; test forecast_loss " in evaluated
     assert len(read_eval_log(tolerant)) == 3 and read_eval_log(tolerant)[-1]["mse"] == pytest.approx(log[-1]["mse"])
     one_line_error(no_variable.result(), "variable='OT': the series has demand, temperature, supply")
     one_line_error(plot_folder.result(), f"plot={str(tmp_path)!r} is a directory: give an SVG file's path")

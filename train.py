@@ -494,7 +494,11 @@ def log_eval(step, final=False):
     if ema is not None:
         ema.swap()
     if master_process:
-        tqdm.write(f"step {step} ({minutes():.1f} min): eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        val = {k[4:]: v for k, v in metrics.items() if k.startswith('val_')}  # a series' validation part
+        test = {k: v for k, v in metrics.items() if not k.startswith('val_')}
+        shown = lambda part: ", ".join(f"{k} {v:.4f}" for k, v in part.items())
+        tqdm.write(f"step {step} ({minutes():.1f} min): eval " + (f"val {shown(val)}; test {shown(test)}" if val
+                                                                   else shown(test)))
         with open(os.path.join(out_dir, 'eval_log.jsonl'), 'a') as f:
             f.write(json.dumps(dict(step=step, minutes=round(minutes(), 3), **metrics)) + '\n')
         if wandb_log:
