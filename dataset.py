@@ -539,19 +539,20 @@ def rank(candidates):
 # -----------------------------------------------------------------------------
 # downloading
 
-def download_once(base_url, directory, names, show_progress=True):
-    """directory/name for each name, downloaded from base_url/name unless it is there from an earlier run."""
+def download_once(base_url, directory, names, show_progress=True, by_hand="its path"):
+    """directory/name for each name, downloaded from base_url/name unless it is there from an earlier run.
+    by_hand: what to pass instead, the files fetched by hand, should a download fail."""
     paths = [os.path.join(directory, name) for name in names]
     remove_stale_temp_files(directory, names)  # a download that was killed
     for path in paths:
         if os.path.exists(path):
             print(f"using {path} (downloaded before; delete it to fetch again)")
         else:
-            download(f"{base_url}/{os.path.basename(path)}", path, show_progress=show_progress)
+            download(f"{base_url}/{os.path.basename(path)}", path, show_progress=show_progress, by_hand=by_hand)
     return paths
 
 
-def download(url, dest, show_progress=True, timeout=60):
+def download(url, dest, show_progress=True, timeout=60, by_hand="its path"):
     """Fetch url to dest over HTTPS with a progress bar, into a temporary file renamed at the end, so dest is
     either absent or complete. Raises DataError with a one-line reason (offline, HTTP error, cut short)."""
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -577,7 +578,7 @@ def download(url, dest, show_progress=True, timeout=60):
         if isinstance(e, (urllib.error.URLError, OSError)):
             reason = getattr(e, "reason", None) or e
             raise DataError(f"could not download {url} ({reason}): offline? Fetch the file by hand and pass "
-                            f"its path instead") from None
+                            f"{by_hand} instead") from None
         raise
 
 

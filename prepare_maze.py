@@ -436,6 +436,9 @@ def main():
     check_ranges(globals(), [("size", size >= 2, ">= 2"), ("num_train", num_train >= 1, ">= 1"),
                              ("num_test", num_test >= 1, ">= 1"), ("min_path_length", min_path_length >= 0, ">= 0"),
                              ("subsample_size", subsample_size >= 0, ">= 0"), ("seed", seed >= 0, ">= 0")])
+    if source == "hf" and size != 30:
+        raise DataError(f"size={size}: the original's Maze-Hard download is 30x30; --size sets the generated "
+                        f"mazes' side, or that of --source=local's CSVs")
     if source == "generate" and (train_csv or test_csv):
         raise DataError("train_csv and test_csv are read with --source=local (the default source generates mazes)")
     if source == "generate" and "subsample_size" in config_overrides:
@@ -454,7 +457,8 @@ def main():
         print(f"generated {num_train:,} + {num_test:,} {size}x{size} mazes, S to G in more than {min_length} steps")
     else:
         if source == "hf":
-            paths = download_once(hf_url, download_dir, ("train.csv", "test.csv"), show_progress=progress)
+            paths = download_once(hf_url, download_dir, ("train.csv", "test.csv"), show_progress=progress,
+                                  by_hand="--source=local --train_csv=<train.csv> --test_csv=<test.csv>")
         elif not train_csv or not test_csv:
             raise DataError("source='local' needs --train_csv and --test_csv")
         else:

@@ -340,7 +340,8 @@ def main():
     started = time.time()
     paths = [resolve_input(train_csv), resolve_input(test_csv)]
     if source == "hf":
-        paths = download_once(hf_url, download_dir, ("train.csv", "test.csv"), show_progress=progress)
+        paths = download_once(hf_url, download_dir, ("train.csv", "test.csv"), show_progress=progress,
+                              by_hand="--source=local --train_csv=<train.csv> --test_csv=<test.csv>")
     out_path = dataset_path(out_dir, name or default_name(subsample_size, num_aug, min_difficulty, test_subsample_size))
     size = build_dataset(*paths, out_path, subsample_size, min_difficulty, num_aug, seed, skip_bad, progress,
                          test_subsample_size=test_subsample_size)

@@ -1465,6 +1465,10 @@ def test_download(tmp_path, http_server):
     with pytest.raises(dataset.DataError, match="HTTP 404"):
         dataset.download(f"{http_server}/nope.csv", str(tmp_path / "dl" / "nope.csv"), show_progress=False)
     assert os.listdir(tmp_path / "dl") == ["train.csv"]
+    # nothing listening: as offline, and the message says what to pass instead
+    with pytest.raises(dataset.DataError, match="offline. Fetch the file by hand and pass --csv=<x.csv> instead"):
+        dataset.download(f"http://127.0.0.1:{unused_port()}/x.csv", str(tmp_path / "dl" / "x.csv"),
+                         show_progress=False, by_hand="--csv=<x.csv>")
 
 
 def unused_port():
@@ -2334,6 +2338,7 @@ def test_maze_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_p
                           (["--source=local"], "source='local' needs --train_csv and --test_csv"),
                           (["--size=9", "--min_path_length=60"], "no 9x9 maze qualified in 1,000 draws"),
                           (["--subsample_size=1"], "subsample_size takes a subset of the mazes read from CSVs"),
+                          (["--source=hf", "--size=15"], "size=15: the original's Maze-Hard download is 30x30"),
                           ([*args, "--num_train=5"], "num_train is for generated mazes (--source=generate); "
                                                      "--source=local takes the CSVs' mazes as they are")):
         result = run_prepare_maze(*args, cwd=tmp_path)
