@@ -113,7 +113,7 @@ def load_model():
     elif 'weight_average' in config_overrides:
         print("weights: as trained (the run kept no average of them)")
     global dataset, halt_adaptive, trained_series
-    trained_series = None if dataset else checkpoint.get('series')  # --dataset may name another series on purpose
+    trained_series = checkpoint.get('series')  # (from train.py's checkpoints of series runs)
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     # ACT can think longer than it was trained to; unset: as long as the run evaluated (eval_halt_max_steps)
     model.config.halt_max_steps = halt_max_steps or checkpoint['config'].get('eval_halt_max_steps') or \
@@ -343,9 +343,11 @@ def timeseries(model, forward):
     if series.num_features != config.num_features:
         raise DataError(f"{series.path} has {series.num_features} variables, the model forecasts {config.num_features}")
     changed = trained_series and series.changes_since(trained_series)
-    if changed:
+    if changed and 'dataset' not in config_overrides:
         raise DataError(f"{series.path} was rebuilt since {out_dir}/ckpt.pt was trained: {changed} (--dataset "
                         f"forecasts another series with this model)")
+    if changed:  # another series, on purpose
+        print(f"note: {series.path} is not the series the model trained on: {changed}")
     if split not in ('val', 'test'):
         raise DataError(f"split={split!r}: must be 'val' or 'test'")
     windows = Windows(series, split, config.input_len, config.horizon)

@@ -3655,7 +3655,9 @@ def test_a_rebuilt_series_is_refused_by_the_runs_trained_on_it(synthetic_run, tm
     one_line_error(resumed.result(), "data/synthetic was rebuilt since " + str(tmp_path / "out" / "ckpt.pt") +
                    " was trained: its parts ended at rows [1120, 1280, 1600] and now end at [800, 1120, 1600]")
     one_line_error(sampled.result(), "data/synthetic was rebuilt since")
-    assert "model" in other.result().stdout  # a series named with --dataset is forecast as asked
+    other = other.result().stdout  # a series named with --dataset is forecast as asked, with a note
+    assert "note: data/synthetic is not the series the model trained on: its parts ended at rows" in other
+    assert "model" in other
 
 
 def test_train_refuses_a_time_series_option_for_puzzles(reverse_task, tmp_path):
