@@ -269,7 +269,7 @@ def profile_step(train_step, label, timed_ms, n=5, top=15):
         # where the host waits for the GPU, the GPU's queue runs dry and its next kernels wait for their launches
         syncs = {e.key: e.count for e in prof.key_averages()
                  if e.key in ('cudaStreamSynchronize', 'cudaEventSynchronize', 'cudaDeviceSynchronize')}
-        syncs['cudaDeviceSynchronize'] = syncs.get('cudaDeviceSynchronize', 0) - 1  # the one after the n steps
+        syncs['cudaDeviceSynchronize'] = max(syncs.get('cudaDeviceSynchronize', 0) - 1, 0)  # less the one after them
         print("host syncs per step: " + (", ".join(f"{calls / n:g} {name}" for name, calls in syncs.items() if calls)
                                          or "none"))
 

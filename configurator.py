@@ -14,12 +14,12 @@ What the arguments set is left in config_overrides (key -> value): a resumed run
 """
 import ast
 import builtins
-import os
+import os as _os
 import sys
 from ast import literal_eval
 
 
-_SCRIPT = os.path.basename(sys.argv[0]) + ": " if sys.argv[0].endswith(".py") else ""  # errors name the script
+_SCRIPT = _os.path.basename(sys.argv[0]) + ": " if sys.argv[0].endswith(".py") else ""  # errors name the script
 
 
 def _typed(value, default, where):
@@ -39,10 +39,10 @@ def _typed(value, default, where):
 
 if {'-h', '--help'} & set(sys.argv[1:]):  # the script's docstring, then every setting with its default
     _doc = ''  # read from the script's file: this file's own docstring has replaced the script's __doc__ by now
-    if os.path.isfile(sys.argv[0]):
-        with open(sys.argv[0]) as _f:
-            _doc = (ast.get_docstring(ast.parse(_f.read())) or '') + "\n\n"
-    print(_doc + "settings (config files or --key=value) and their defaults:")
+    if _os.path.isfile(sys.argv[0]):
+        with open(sys.argv[0], encoding='utf-8') as _f:
+            _doc = ast.get_docstring(ast.parse(_f.read())) or ''
+    print(_doc + "\n\n" * bool(_doc) + "settings (config files or --key=value) and their defaults:")
     for _key in config_keys:
         print(f"  --{_key}={globals()[_key]!r}")
     raise SystemExit(0)

@@ -652,7 +652,9 @@ class SeriesData:
             return f"its columns were {', '.join(record['columns'])} and are now {', '.join(self.columns)}"
         if record["borders"] != self.borders:
             return f"its parts ended at rows {record['borders']} and now end at {self.borders}"
-        if not np.allclose(record["mean"] + record["std"], self.meta["mean"] + self.meta["std"], rtol=1e-6, atol=0):
+        std = np.asarray(record["std"])  # (a mean near 0 compared on the scale of its column)
+        if not (np.allclose(record["std"], self.meta["std"], rtol=1e-6, atol=0) and
+                np.all(np.abs(np.subtract(record["mean"], self.meta["mean"])) <= 1e-6 * std)):
             return "its normalisation (the training rows' mean and standard deviation) changed"
         return ""
 
@@ -664,7 +666,8 @@ class SeriesData:
         if last < first:  # a window's history may reach back into the parts before
             need = (f"horizon={horizon} rows (its windows' input_len={input_len} steps of history come from the "
                     f"rows before it)" if begin >= input_len else
-                    f"{input_len - begin + horizon:,} rows for one window of input_len={input_len} + horizon={horizon}")
+                    f"{input_len - begin + horizon:,} rows for one window of input_len={input_len} + horizon={horizon}"
+                    + (f" (the {begin:,} rows before it give the rest of its history)" if begin else ""))
             raise DataError(f"{self.path}: the {split} part (rows {begin:,}-{end - 1:,}) is too short: it needs "
                             f"{need}")
         return np.arange(first, last + 1)

@@ -253,6 +253,8 @@ def read_mazes(source, side):
         else:
             entries.append((name, question, None))
 
+    if os.path.isdir(source):
+        raise DataError(f"maze={source!r}: a directory, not a file of mazes")
     if not os.path.isfile(source):
         if len(source) != side * side:
             raise DataError(f"maze={source[:40]!r}{'...' if len(source) > 40 else ''}: no such file, nor a maze "

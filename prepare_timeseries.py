@@ -274,7 +274,7 @@ def main():
             if ett not in ETT_FILES:
                 raise DataError(f"ett={ett!r}: must be one of {', '.join(ETT_FILES)}")
             path = download_once(ett_url, download_dir, (f"{ett}.csv",), show_progress=progress,
-                                 by_hand=f"--csv=<{ett}.csv>")[0]
+                                 by_hand=f"--csv=<{ett}.csv> (in place of --source=ett and --ett)")[0]
         timestamps, values, names = read_series(path, date_column, [c.strip() for c in columns.split(",") if c.strip()],
                                                 fill)
         build.update(csv=os.path.abspath(path))

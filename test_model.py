@@ -2451,6 +2451,8 @@ def test_read_mazes_for_sample(tmp_path):
     assert [name for name, _, _ in entries] == ["--maze"] and errors == [] and unread == 0
     with pytest.raises(dataset.DataError, match=r"maze='missing.txt': no such file, nor a maze of 81 characters \(11\)"):
         pm.read_mazes("missing.txt", 9)
+    with pytest.raises(dataset.DataError, match="a directory, not a file of mazes"):
+        pm.read_mazes(str(tmp_path), 9)
     bad, reason = corrupt_maze(rows[1], "answer with a gap")
     entries, errors, unread = pm.read_mazes(write_csv(tmp_path / "m.csv", [rows[0], bad, rows[2]]), 9)
     assert [pm.to_text(answer) for _, _, answer in entries] == [rows[0]["answer"], rows[2]["answer"]]
@@ -3056,6 +3058,9 @@ def test_windows_follow_the_borders_and_only_training_rows_set_the_scale(tmp_pat
     with pytest.raises(dataset.DataError, match=r"the val part \(rows 140-159\) is too short: it needs horizon=30 rows"):
         dataset.Windows(series, "val", 24, 30)
     assert dataset.Windows(series, "val", 100, 20).num_examples == 1
+    with pytest.raises(dataset.DataError, match=r"it needs 30 rows for one window of input_len=150 \+ horizon=20 "
+                                                r"\(the 140 rows before it give the rest of its history\)"):
+        dataset.Windows(series, "val", 150, 20)
 
 
 @pytest.mark.parametrize("key, value, reason", [

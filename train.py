@@ -127,7 +127,8 @@ if init_from == 'resume':
     checkpoint = load_checkpoint(ckpt_path)
     for k in config_keys:
         saved = checkpoint['config'].get(k, globals()[k])
-        if k in config_overrides and k not in MACHINE_KEYS + ('init_from',) and config_overrides[k] != saved:
+        if k in config_overrides and k not in MACHINE_KEYS + ('init_from', 'eval_only') and \
+                config_overrides[k] != saved:
             changed_settings.append(f"{k} {saved!r} -> {config_overrides[k]!r}")
         if k in config_overrides and k in FIXED_KEYS and config_overrides[k] != saved:
             raise DataError(f"{k}={config_overrides[k]!r}, but the run in {ckpt_path} has {saved!r}; a resumed run "
@@ -252,8 +253,9 @@ if checkpoint is not None:
                             f"(was {data_dir} rebuilt?)")
     changed = is_series and checkpoint.get('series') and series.changes_since(checkpoint['series'])
     if changed:  # its windows, their split and their scale would no longer be the run's
-        raise DataError(f"{data_dir} was rebuilt since {ckpt_path} was trained: {changed}; train from scratch in "
-                        f"another out_dir")
+        raise DataError(f"{data_dir} was rebuilt since {ckpt_path} was trained: {changed}; " +
+                        ("sample.py --dataset=... forecasts another series with the model" if eval_only else
+                         "train from scratch in another out_dir"))
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
     budget = checkpoint.get('budget')
