@@ -438,7 +438,7 @@ def main():
     check_ranges(globals(), [("size", size >= 2, ">= 2"), ("num_train", num_train >= 1, ">= 1"),
                              ("num_test", num_test >= 1, ">= 1"), ("min_path_length", min_path_length >= 0, ">= 0"),
                              ("subsample_size", subsample_size >= 0, ">= 0"), ("seed", seed >= 0, ">= 0")])
-    if source == "hf" and size != 30:
+    if source == "hf" and size != 30 and "hf_url" not in config_overrides:
         raise DataError(f"size={size}: the original's Maze-Hard download is 30x30; --size sets the generated "
                         f"mazes' side, or that of --source=local's CSVs")
     if source == "generate" and (train_csv or test_csv):
