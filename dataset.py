@@ -653,7 +653,7 @@ class SeriesData:
         if record["borders"] != self.borders:
             return f"its parts ended at rows {record['borders']} and now end at {self.borders}"
         std = np.asarray(record["std"])  # (a mean near 0 compared on the scale of its column)
-        if not (np.allclose(record["std"], self.meta["std"], rtol=1e-6, atol=0) and
+        if not (np.allclose(std, self.meta["std"], rtol=1e-6, atol=0) and
                 np.all(np.abs(np.subtract(record["mean"], self.meta["mean"])) <= 1e-6 * std)):
             return "its normalisation (the training rows' mean and standard deviation) changed"
         return ""

@@ -559,6 +559,7 @@ def _why_not_fused(x, n_out):
         return f"a result of {x.numel() // max(1, x.shape[-1]):,} x {n_out} elements, past 32-bit offsets"
     return _interpreter_dtype(x)
 
+
 def attention(q, k, v, cos=None, sin=None):
     D = q.shape[-1]
     unsupported = ""
@@ -604,4 +605,3 @@ def linear_swiglu(x, w):
     if use:
         return kernels_matmul.linear_swiglu(x, w)
     return swiglu(F.linear(x, w))
-

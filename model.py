@@ -968,8 +968,8 @@ class PuzzleEmbeddingSignSGD(torch.optim.Optimizer):
             grad, ids = all_grad, all_ids
         # the gradients of a duplicate id are summed before the sign, without ids.unique(): its data-dependent
         # size would make the host wait for the GPU every step (and the next step's launches start from an
-        # idle GPU). Sorted, equal ids are runs; every row of a run gets the same new row,
-        # so the index_put below writes one value per id whichever duplicate lands last
+        # idle GPU). Sorted, equal ids are runs; every row of a run gets the same new row, so the index_put
+        # below writes one value per id whichever duplicate lands last
         ids, order = ids.sort()
         run_start = torch.ones_like(ids, dtype=torch.bool)
         run_start[1:] = ids[1:] != ids[:-1]

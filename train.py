@@ -127,12 +127,12 @@ if init_from == 'resume':
     checkpoint = load_checkpoint(ckpt_path)
     for k in config_keys:
         saved = checkpoint['config'].get(k, globals()[k])
-        if k in config_overrides and k not in MACHINE_KEYS + ('init_from', 'eval_only') and \
-                config_overrides[k] != saved:
-            changed_settings.append(f"{k} {saved!r} -> {config_overrides[k]!r}")
-        if k in config_overrides and k in FIXED_KEYS and config_overrides[k] != saved:
-            raise DataError(f"{k}={config_overrides[k]!r}, but the run in {ckpt_path} has {saved!r}; a resumed run "
-                            f"keeps it (train from scratch in another out_dir to change it)")
+        if k in config_overrides and config_overrides[k] != saved:
+            if k in FIXED_KEYS:
+                raise DataError(f"{k}={config_overrides[k]!r}, but the run in {ckpt_path} has {saved!r}; a resumed "
+                                f"run keeps it (train from scratch in another out_dir to change it)")
+            if k not in MACHINE_KEYS + ('init_from', 'eval_only'):
+                changed_settings.append(f"{k} {saved!r} -> {config_overrides[k]!r}")
         if k not in config_overrides and k not in MACHINE_KEYS:
             globals()[k] = saved
 elif not eval_only and os.path.exists(ckpt_path):
