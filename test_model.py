@@ -1166,6 +1166,60 @@ def test_fused_swiglu_leaves_the_model_unchanged(fresh_switch, caplog):
 
 
 # -----------------------------------------------------------------------------
+# SwiGLU's backward kernel
+
+# (rows, N): a ragged last row block and N under one column block; N not a multiple of the block; 6 blocks
+SWIGLU_SHAPES = [((3, 5), 40), ((37,), 300), ((2, 41), 1536)]
+
+
+@needs_triton
+@pytest.mark.parametrize("rows, N", SWIGLU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_backward_kernel_matches_reference(fresh_switch, rows, N, dtype):
+    kernels.set_use_flash(True)
+    g = torch.Generator().manual_seed(11)
+    gate_up = (torch.randn(*rows, 2 * N, generator=g) * 2).to(DEVICE, dtype).requires_grad_()
+    dh = torch.randn(*rows, N, generator=g).to(DEVICE, dtype)
+    exact = gate_up.detach().double().requires_grad_()
+    ref_out = kernels.swiglu_reference(exact)
+    out = kernels.swiglu(gate_up)
+    assert type(out.grad_fn).__name__ == "SwiGLUTritonBackward"
+    assert rel_err(out, ref_out) < TOL[dtype]
+    for upstream in (dh, None):  # None: the gradient of a sum, an expanded tensor of stride 0
+        grad, = torch.autograd.grad(out if upstream is not None else out.sum(), gate_up, upstream, retain_graph=True)
+        ref, = torch.autograd.grad(ref_out if upstream is not None else ref_out.sum(), exact,
+                                   None if upstream is None else upstream.double(), retain_graph=True)
+        assert grad.dtype == dtype and grad.shape == gate_up.shape
+        assert rel_err(grad, ref) < TOL[dtype]
+
+
+@needs_triton
+def test_swiglu_backward_kernel_only_where_a_gradient_flows(fresh_switch, caplog):
+    caplog.set_level(logging.INFO, logger="hrm.attn")
+    kernels.set_use_flash(True)
+    gate_up = torch.randn(4, 32, device=DEVICE, dtype=DTYPES[-1])
+    assert kernels.swiglu(gate_up).grad_fn is None
+    gate_up.requires_grad_()
+    with torch.no_grad():
+        assert kernels.swiglu(gate_up).grad_fn is None
+    assert type(kernels.swiglu(gate_up).grad_fn).__name__ == "SwiGLUTritonBackward"
+    kernels.set_use_flash(False)
+    assert type(kernels.swiglu(gate_up).grad_fn).__name__ == "MulBackward0"
+    assert records(caplog) == ["swiglu: PyTorch forward, triton backward (forced on by set_use_flash(True))",
+                               "swiglu: PyTorch (forced off by set_use_flash(False))"]
+
+
+def test_swiglu_refuses_the_kernel_past_32_bit_offsets(fresh_switch, caplog):
+    caplog.set_level(logging.INFO, logger="hrm.attn")
+    kernels.set_use_flash(True)
+    gate_up = torch.empty(1 << 21, 1024, device="meta", requires_grad=True)
+    assert kernels.swiglu(gate_up).grad_fn.name() == "MulBackward0"
+    assert records(caplog) == [
+        "swiglu: PyTorch (triton is not installed)" if kernels.triton is None else
+        "swiglu: PyTorch (2,147,483,648 elements, past 32-bit offsets)"]
+
+
+# -----------------------------------------------------------------------------
 # backend selection
 
 @pytest.fixture
