@@ -147,6 +147,25 @@ def grid_problems(questions, answers=None):
     return problems
 
 
+def text_puzzles(lines):
+    """The puzzles of a text file's lines, for sample.py: one of 81 characters a line, or grids of 9 rows of
+    9 with blank lines between them, spaces, '|' and separator lines of '-' and '+' ignored (format_grid's
+    output reads back). Returns (line number, text, problem or None) for each, text for parse_puzzle."""
+    puzzles, block = [], []  # block: the run of non-blank lines being read, (line number, text)
+    for number, text in enumerate(lines + [""], start=1):
+        if text.strip():
+            block.append((number, text))
+            continue
+        rows = [row.replace(" ", "").replace("|", "") for _, row in block if not set(row) <= set("-+ ")]
+        if block and all(len(row) == 9 for row in rows):
+            puzzles.append((block[0][0], "".join(rows), None if len(rows) == 9 else
+                            f"a grid of {len(rows)} rows (a puzzle is 9 rows of 9 characters, or one line of 81)"))
+        else:
+            puzzles += [(number, row, None) for number, row in block]
+        block = []
+    return puzzles
+
+
 def parse_puzzle(text, answer=False):
     """One puzzle (or, with answer, a solution) as digits (81,); ValueError saying what is wrong."""
     digits, (problem,) = to_digits([text.strip()], answer)

@@ -3,18 +3,20 @@ Run a trained HRM on new inputs: the task is the one its dataset was built for.
 
 Sudoku:
 $ python sample.py --out_dir=out-sudoku --puzzle="4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
-$ python sample.py --out_dir=out-sudoku --puzzles=my_puzzles.txt      # one 81-character puzzle per line
+$ python sample.py --out_dir=out-sudoku --puzzles=my_puzzles.txt      # 81-character lines, or 9x9 grids
 $ python sample.py --out_dir=out-sudoku --puzzles=test.csv            # Sudoku-Extreme CSV: answers are scored
 $ python sample.py --out_dir=out-sudoku --puzzle=... --show_steps=True --halt_max_steps=32
 $ python sample.py --out_dir=out-sudoku --puzzles=test.csv --quiet=True --compile=True --halt_adaptive=True
 $ python sample.py --out_dir=out-sudoku --puzzles=test.csv --quiet=True --compile=True --votes=8
 
-A Sudoku is 81 characters, row by row, '.' or '0' for a blank. An input that cannot be read (wrong length,
-other characters, clues that already conflict, an answer that does not solve it) gets a one-line error and
-the others are still solved; the exit status is non-zero when none could be. With --votes=K each puzzle is
-also solved under K - 1 random symmetries (rows and columns shuffled within Sudoku's structure, digits
-relabelled, as in training), each answer mapped back, and the answer is the grid most copies give, ties
-going to the highest mean Q-halt probability: the model's own vote, no Sudoku rules consulted.
+A Sudoku is 81 characters, row by row, '.' or '0' for a blank; in a text file also a grid of 9 lines of 9,
+blank lines between grids (spaces, '|' and separator lines ignored: a grid as sample.py prints it). An input
+that cannot be read (wrong length, other characters, clues that already conflict, an answer that does not
+solve it) gets a one-line error and the others are still solved; the exit status is non-zero when none
+could be. With --votes=K each puzzle is also solved under K - 1 random symmetries (rows and columns shuffled
+within Sudoku's structure, digits relabelled, as in training), each answer mapped back, and the answer is
+the grid most copies give, ties going to the highest mean Q-halt probability: the model's own vote, no
+Sudoku rules consulted.
 
 Puzzles, mazes and ARC inputs stream through batch_size slots on the device, each running halt_max_steps segments,
 or with --halt_adaptive=True (the default for a run that evaluated so) until its Q head says halt, a freed
@@ -217,10 +219,11 @@ def sudoku(model, forward):
                 print(f"sample.py: {line}")
             errors += sum(bad.counts.values())
         else:
-            for line, text in enumerate(lines, start=1):
+            for line, text, problem in ps.text_puzzles(lines):
                 try:
-                    if text.strip():
-                        entries.append((f"{puzzles} line {line}", ps.parse_puzzle(text), None))
+                    if problem:
+                        raise ValueError(problem)
+                    entries.append((f"{puzzles} line {line}", ps.parse_puzzle(text), None))
                 except ValueError as e:
                     print(f"sample.py: {puzzles} line {line}: {e}")
                     errors += 1

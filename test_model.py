@@ -1636,6 +1636,21 @@ def test_parse_puzzle_errors(text, answer, reason):
     assert str(e.value) == reason
 
 
+def test_text_puzzles_reads_lines_and_grids():
+    # a line of 81; sample.py's own drawing of a grid (it reads back); a bare 9 x 9 grid; a grid of 7 rows; a bad line
+    row = read_rows(SAMPLE_TEST, 1)[0]["question"]
+    grid = ps.parse_puzzle(row)
+    bare = [row[9 * r:9 * r + 9] for r in range(9)]
+    lines = [row, ""] + ps.format_grid(grid).splitlines() + ["", ""] + bare + [""] + bare[:7] + ["", row[:80]]
+    found = ps.text_puzzles(lines)
+    assert [(number, problem) for number, _, problem in found] == [
+        (1, None), (3, None), (16, None),
+        (26, "a grid of 7 rows (a puzzle is 9 rows of 9 characters, or one line of 81)"), (34, None)]
+    for _, text, problem in found[:3]:
+        assert np.array_equal(ps.parse_puzzle(text), grid)
+    assert found[4][1] == row[:80]  # parse_puzzle says what is wrong with it
+
+
 def test_grid_problems_name_row_column_and_box(puzzles):
     grid = np.zeros(81, dtype=np.int16)
     assert problem(grid) is None
@@ -3521,6 +3536,8 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     not_puzzles = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
     args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--loss_type=softmax"]
     puzzle_option = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
+    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--ts_loss=huber"]
+    bad_loss = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
     plot_folder = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", f"--plot={tmp_path}"],
                                cwd=synthetic_run, check=False)
     capped = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", "--max_puzzles=3"], cwd=synthetic_run,
@@ -3555,6 +3572,7 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
                    "init_from='reference' loads the original's puzzle HRM, but data/synthetic is a time series")
     one_line_error(puzzle_option.result(),
                    "loss_type='softmax' is for puzzle datasets, and data/synthetic is a time series")
+    one_line_error(bad_loss.result(), "ts_loss='huber': must be 'mse' or 'mae'")  # the option's name, not the field's
 
 
 @pytest.mark.skipif(not os.path.isfile(SHARED_ETTH1), reason="ETTh1.csv (../shared/data/timeseries) is not here")
@@ -4255,7 +4273,8 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     # each group of sample.py's runs is started together, then checked in order
     puzzle = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
     puzzles = tmp_path / "puzzles.txt"
-    puzzles.write_text("\n".join([puzzle, puzzle[:80], "44" + puzzle[2:], "x" + puzzle[1:]]) + "\n")
+    grid = [puzzle[9 * r:9 * r + 9] for r in range(9)]  # and the same puzzle as a grid of 9 lines
+    puzzles.write_text("\n".join([puzzle, puzzle[:80], "44" + puzzle[2:], "x" + puzzle[1:], ""] + grid) + "\n")
     out = str(sudoku_checkpoint / "out")
     shown = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={puzzles}", "--show_steps=True",
                                        "--halt_max_steps=3"], cwd=tmp_path)
@@ -4269,9 +4288,10 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     assert f"sample.py: {puzzles} line 3: question's clues conflict: digit 4 appears twice in row 1" in lines
     assert any(f"{puzzles} line 4:" in l and "'x'" in l for l in lines)
     assert "4 . . | . . . | 8 . 5" in lines  # the puzzle, drawn as a grid
-    assert sum(l.startswith("after segment") for l in lines) == 3  # --halt_max_steps beyond training's 2
+    assert sum(l.startswith("after segment") for l in lines) == 2 * 3  # --halt_max_steps beyond training's 2
     assert any(l.startswith("solution after 3 segments") for l in lines)
-    assert "1 puzzle(s) through the model" in result.stdout and "3 could not be read" in result.stdout
+    assert f"{puzzles} line 6" in lines  # the grid's first line names it
+    assert "2 puzzle(s) through the model" in result.stdout and "3 could not be read" in result.stdout
     zeros = zeros.result()
     assert "1 puzzle(s) through the model" in zeros.stdout
     assert "weights: as trained (the run kept no average of them)" in zeros.stdout

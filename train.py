@@ -244,7 +244,12 @@ if init_from == 'reference':
         raise DataError(f"init_from='reference' loads the original's puzzle HRM, but {data_dir} is a time series")
     model = load_reference_checkpoint(reference_checkpoint, model_args)
 else:
-    model = build_model(model_args)
+    try:
+        model = build_model(model_args)
+    except DataError as e:  # the config names its own field; name the option that set it
+        field, _, rest = str(e).partition('=')
+        renamed = {'layout': 'ts_layout', 'head': 'ts_head', 'loss_type': 'ts_loss'} if is_series else {}
+        raise DataError(f"{renamed.get(field, field)}={rest}") from None
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
         if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob', 'act_continue',
