@@ -6,7 +6,8 @@ Benchmark of the kernels on HRM's shapes, for the backends side by side:
     unfused    the tuned attention, the SwiGLU apart from its matmul (kernels.set_use_fused_matmuls(False));
                timed only when step_backends names it
     reference  the Triton kernels of kernels.py (kernels.set_use_hopper(False), no fused matmuls)
-    pytorch    RoPE + SDPA and add + RMSNorm in PyTorch, fused by Inductor (kernels.set_use_flash(False))
+    pytorch    RoPE + SDPA, add + RMSNorm and SwiGLU's backward in PyTorch, fused by Inductor
+               (kernels.set_use_flash(False))
 
 In the order it runs:
 

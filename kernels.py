@@ -5,7 +5,7 @@ PyTorch reference:
     attention(q, k, v, cos, sin)   softmax(rope(q) rope(k)^T / sqrt(D)) v for every (batch, head), non-causal
     add_rms_norm(x, y, eps)        rms_norm(x + y): the residual add and weightless RMSNorm of a post-norm block
 
-the backward of one more, whose forward stays PyTorch (Inductor fuses it):
+the backward of one more, where a gradient flows (its forward stays PyTorch, which Inductor fuses):
 
     swiglu(gate_up)                silu(gate) * up, gate and up the two halves of the last dimension
 
@@ -60,10 +60,14 @@ add + RMSNorm. h = x + y (rounded to the input dtype, as the reference), rstd = 
 out = h * rstd. With g = out the backward is dh = rstd * (dg - g * mean(dg * g)): it reads the saved
 output and rstd (4 bytes a row), not h, and x and y get the same gradient dh.
 
+SwiGLU's backward. With g, u the gate and up halves, s = sigmoid(g) and dh the gradient of silu(g) * u:
+dg = dh * u * s * (1 + g * (1 - s)), du = dh * g * s, both halves of a tile from one load of g, u and dh.
+
 torch.compile traces the autograd Functions and the kernel launches without graph breaks. The scale and
 eps are constexpr (Inductor would pass a Python float as float64, which changes the arithmetic), and every
 tensor a kernel writes is a fresh tensor, never a view of a shared buffer: torch.compile copies such a
 view before a kernel writes into it. Offsets are 32-bit: a tensor must have fewer than 2**31 elements.
+The backwards are not differentiable again (no double backward; HRM's training never needs one).
 Everything Triton is defined only when triton imports, so this module imports without it.
 """
 import logging
@@ -437,11 +441,15 @@ def add_rms_norm_triton(x, y, eps):
 
 
 # -----------------------------------------------------------------------------
-# SwiGLU's backward: with g, u the gate and up halves, s = sigmoid(g) and dh the gradient of silu(g) * u,
-#     dg = dh * u * s * (1 + g * (1 - s)),   du = dh * g * s
-# Inductor's kernel for it (writing the concatenated [dg, du] that the gate-and-up matmul's backward takes)
-# ran at about half of copy speed in the compiled Sudoku step; here a program computes both halves of a
-# tile from one load of g, u and dh. The forward stays PyTorch, which Inductor fuses with its neighbours.
+# SwiGLU: the PyTorch reference, then the backward's kernel. Inductor's kernel for the backward (writing the
+# concatenated [dg, du] that the gate-and-up matmul's backward takes) ran at about half of copy speed in the
+# compiled Sudoku step; here a program computes both halves of a tile from one load of g, u and dh
+
+def swiglu_reference(gate_up):
+    """silu(gate) * up, gate and up the two halves of the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
 
 if triton is not None:
 
@@ -637,12 +645,6 @@ def add_rms_norm(x, y, eps):
     return add_rms_norm_reference(x, y, eps)
 
 
-def swiglu_reference(gate_up):
-    """silu(gate) * up, gate and up the two halves of the last dimension."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def swiglu(gate_up):
     """swiglu_reference, with SwiGLUTriton's backward where a gradient flows and the kernels take the call."""
     if not (torch.is_grad_enabled() and gate_up.requires_grad):
@@ -663,7 +665,7 @@ def linear_swiglu(x, w):
     use, reason = _pick(x, _why_not_fused(x, w.shape[0] // 2))
     if use and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         use, reason = False, "a gradient flows: the backward needs the gate and up, which the fused kernel never stores"
-    _log_choice(f"linear_swiglu: {'fused triton kernel' if use else 'F.linear, then PyTorch'} ({reason})")
+    _log_choice(f"linear_swiglu: {'fused triton kernel' if use else 'F.linear, then swiglu'} ({reason})")
     if use:
         return kernels_matmul.linear_swiglu(x, w)
     return swiglu(F.linear(x, w))

@@ -1136,10 +1136,10 @@ def test_fused_swiglu_takes_only_calls_without_gradient(fresh_switch, caplog):
         assert rel_err(kernels.linear_swiglu(x, w), fused_out) < TOL[dtype]
     assert [m for m in records(caplog) if m.startswith("linear_swiglu")] == [
         "linear_swiglu: fused triton kernel (forced on by set_use_flash(True))",
-        "linear_swiglu: F.linear, then PyTorch (a gradient flows: the backward needs the gate and up, which the "
+        "linear_swiglu: F.linear, then swiglu (a gradient flows: the backward needs the gate and up, which the "
         "fused kernel never stores)",
-        "linear_swiglu: F.linear, then PyTorch (fused matmuls off by set_use_fused_matmuls(False))",
-        "linear_swiglu: F.linear, then PyTorch (Hopper paths off by set_use_hopper(False))"]
+        "linear_swiglu: F.linear, then swiglu (fused matmuls off by set_use_fused_matmuls(False))",
+        "linear_swiglu: F.linear, then swiglu (Hopper paths off by set_use_hopper(False))"]
 
 
 @needs_fused
@@ -1168,29 +1168,46 @@ def test_fused_swiglu_leaves_the_model_unchanged(fresh_switch, caplog):
 # -----------------------------------------------------------------------------
 # SwiGLU's backward kernel
 
-# (rows, N): a ragged last row block and N under one column block; N not a multiple of the block; 6 blocks
-SWIGLU_SHAPES = [((3, 5), 40), ((37,), 300), ((2, 41), 1536)]
+# (rows, N, row stride): a ragged last row block and N under one 512-column block; N past one block and not a
+# multiple of it, gate_up a slice of wider rows; 3 column blocks
+SWIGLU_SHAPES = [((3, 5), 40, 80), ((37,), 700, 1416), ((2, 41), 1536, 3072)]
 
 
 @needs_triton
-@pytest.mark.parametrize("rows, N", SWIGLU_SHAPES)
+@pytest.mark.parametrize("rows, N, stride", SWIGLU_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_backward_kernel_matches_reference(fresh_switch, rows, N, dtype):
+def test_swiglu_backward_kernel_matches_reference(fresh_switch, rows, N, stride, dtype):
     kernels.set_use_flash(True)
     g = torch.Generator().manual_seed(11)
-    gate_up = (torch.randn(*rows, 2 * N, generator=g) * 2).to(DEVICE, dtype).requires_grad_()
+    gate_up = (torch.randn(*rows, stride, generator=g) * 2).to(DEVICE, dtype)[..., :2 * N].requires_grad_()
     dh = torch.randn(*rows, N, generator=g).to(DEVICE, dtype)
     exact = gate_up.detach().double().requires_grad_()
     ref_out = kernels.swiglu_reference(exact)
     out = kernels.swiglu(gate_up)
-    assert type(out.grad_fn).__name__ == "SwiGLUTritonBackward"
-    assert rel_err(out, ref_out) < TOL[dtype]
+    assert type(out.grad_fn).__name__ == "SwiGLUTritonBackward" and out.shape == (*rows, N)
     for upstream in (dh, None):  # None: the gradient of a sum, an expanded tensor of stride 0
         grad, = torch.autograd.grad(out if upstream is not None else out.sum(), gate_up, upstream, retain_graph=True)
         ref, = torch.autograd.grad(ref_out if upstream is not None else ref_out.sum(), exact,
                                    None if upstream is None else upstream.double(), retain_graph=True)
         assert grad.dtype == dtype and grad.shape == gate_up.shape
         assert rel_err(grad, ref) < TOL[dtype]
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or kernels.triton is None, reason="needs CUDA and triton")
+def test_swiglu_backward_kernel_compiles_in_one_graph(fresh_switch):
+    # torch.compile traces the Function and its launch: one graph, the same gradients as PyTorch's backward
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 82, 64, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    w = (torch.randn(2 * 192, 64, generator=g) / 8).to(DEVICE, torch.bfloat16).requires_grad_()
+    grads = []
+    for use in (True, False):
+        kernels.set_use_flash(use)
+        torch._dynamo.reset()
+        loss = torch.compile(lambda x, w: kernels.swiglu(F.linear(x, w)).float().square().sum(), fullgraph=True)(x, w)
+        grads.append(torch.autograd.grad(loss, (x, w)))
+    torch._dynamo.reset()
+    for kernel, pytorch in zip(*grads):
+        assert rel_err(kernel, pytorch) < TOL[torch.bfloat16]
 
 
 @needs_triton
