@@ -26,6 +26,7 @@ batches, the 8 dihedral transforms of a grid, and a plain-HTTPS download.
 """
 import csv
 import errno
+import hashlib
 import json
 import math
 import os
@@ -58,14 +59,17 @@ def check_ranges(values, rules):
             raise DataError(f"{name}={value!r}: must be {need}")
 
 
-def exit_cleanly(script):
+def exit_cleanly(script, interrupted=lambda: ""):
     """For a script's main program: from now on a DataError that reaches the top ends it as one line
-    'script: message' (exit status 1) instead of a traceback, any other exception is still reported in full
-    (as the bug it is), and SIGTERM unwinds the program like Ctrl-C, so that what it was writing is cleaned
-    up by the same handlers (a temporary dataset directory, a download's .part file)."""
+    'script: message' (exit status 1) instead of a traceback, Ctrl-C as 'script: interrupted' and what
+    interrupted() adds, any other exception is still reported in full (as the bug it is), and SIGTERM unwinds
+    the program like Ctrl-C, so that what it was writing is cleaned up by the same handlers (a temporary
+    dataset directory, a download's .part file)."""
     def hook(kind, error, traceback):
         if issubclass(kind, DataError):
             print(f"{script}: {error}", file=sys.stderr)
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f"{script}: interrupted{interrupted()}", file=sys.stderr)
         else:
             sys.__excepthook__(kind, error, traceback)
     sys.excepthook = hook
@@ -196,11 +200,40 @@ def is_dataset(path):
         os.path.isfile(os.path.join(path, "train", "dataset.json"))))
 
 
+def dataset_dir(dataset):
+    """The folder that train.py's and sample.py's --dataset names: data/<dataset>, or the path itself where
+    that is a dataset and data/<dataset> is nothing (a path given with its data/, or absolute)."""
+    path = os.path.join("data", dataset)
+    if not os.path.exists(path) and is_dataset(dataset):
+        path = dataset
+    parent, split = os.path.split(os.path.normpath(path))
+    if split in ("train", "test") and is_dataset(parent):  # (a split holds a dataset.json, as a series does)
+        raise DataError(f"dataset={dataset!r}: {path} is the {split} split of the dataset {parent}; give the "
+                        f"dataset's folder")
+    return path
+
+
+def identifiers_digest(path):
+    """A digest of a dataset's identifiers.json ('' without one): which puzzle each trained puzzle embedding
+    belongs to. A checkpoint keeps it, so that a dataset rebuilt since (an ARC build with another seed names
+    other augmentations) is found out rather than given embeddings that were learnt for other puzzles."""
+    path = os.path.join(path, "identifiers.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def dataset_path(out_dir, name):
     """out_dir/name, where name must be a plain directory name: '.', '..', '' or a path would make the
     build replace a directory that is not a dataset."""
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
         raise DataError(f"name={name!r}: must be a plain directory name (the dataset goes to out_dir/name)")
+    existing = os.path.abspath(out_dir)  # out_dir, or the nearest folder above it that exists
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f"out_dir={out_dir!r}: {existing} is a file, not a folder (the dataset goes to out_dir/name)")
     path = os.path.join(out_dir, name)
     if os.path.lexists(path) and not is_dataset(path):
         raise DataError(f"{path} exists and is not a dataset: not replacing it (choose another name or out_dir)")

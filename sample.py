@@ -62,8 +62,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import (BadRows, DataError, SeriesData, Windows, check_ranges, eval_batches, exit_cleanly, is_csv_header,
-                     task_of, write_text_atomically)
+from dataset import (BadRows, DataError, SeriesData, Windows, check_ranges, dataset_dir, eval_batches,
+                     exit_cleanly, identifiers_digest, is_csv_header, task_of, write_text_atomically)
 from model import build_model, check_device, check_fp8, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -99,6 +99,8 @@ config_keys = [k for k in globals() if k not in _not_config and not k.startswith
 
 def load_model():
     """(task, model, forward): the checkpoint's model in eval mode, and it or its compiled version."""
+    if os.path.isfile(out_dir):
+        raise DataError(f"out_dir={out_dir!r} is a file: give the folder that holds the run's ckpt.pt")
     try:
         checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     except DataError as e:
@@ -114,8 +116,9 @@ def load_model():
                              "as trained, not the average the run kept"))
     elif 'weight_average' in config_overrides:
         print("weights: as trained (the run kept no average of them)")
-    global dataset, halt_adaptive, trained_series
+    global dataset, halt_adaptive, trained_series, trained_identifiers
     trained_series = checkpoint.get('series')  # (from train.py's checkpoints of series runs)
+    trained_identifiers = checkpoint.get('identifiers')  # (of puzzle runs: a digest of identifiers.json)
     dataset = dataset or checkpoint['config']['dataset']  # where ARC and time series find their data
     # ACT can think longer than it was trained to; unset: as long as the run evaluated (eval_halt_max_steps)
     model.config.halt_max_steps = halt_max_steps or checkpoint['config'].get('eval_halt_max_steps') or \
@@ -292,7 +295,7 @@ def arc(model, forward):
     import prepare_arc as pa
     if not arc_task:
         raise DataError("give --arc_task=<a task's JSON file>, or the id of a task in the dataset's evaluation set")
-    data_dir = os.path.join('data', dataset)
+    data_dir = dataset_dir(dataset)
     identifiers = pa.read_identifiers(data_dir)
     if not identifiers and model.config.num_puzzle_identifiers > 1:  # its puzzle embeddings are named there
         raise DataError(f"{data_dir}: no such dataset: the one the model trained on names its puzzle embeddings "
@@ -300,6 +303,10 @@ def arc(model, forward):
     if identifiers and len(identifiers) != model.config.num_puzzle_identifiers:
         raise DataError(f"{data_dir} has {len(identifiers):,} puzzle identifiers, the model "
                         f"{model.config.num_puzzle_identifiers:,}: not the dataset it trained on (set --dataset)")
+    if trained_identifiers and identifiers_digest(data_dir) != trained_identifiers:
+        raise DataError(f"{data_dir}'s identifiers.json names other puzzles than the dataset {out_dir}/ckpt.pt "
+                        f"trained on (rebuilt since, or --dataset names another): its puzzle embeddings would serve "
+                        f"puzzles they never saw")
     task = pa.read_task_file(arc_task) if os.path.isfile(arc_task) else \
         pa.task_from_dataset(data_dir, arc_task, identifiers)
     variants = [(i, *pa.parse_name(n)[1:]) for i, n in enumerate(identifiers)
@@ -342,7 +349,7 @@ def arc(model, forward):
 def timeseries(model, forward):
     import prepare_timeseries as pt
     config = model.config
-    series = SeriesData(os.path.join('data', dataset))
+    series = SeriesData(dataset_dir(dataset))
     if series.num_features != config.num_features:
         raise DataError(f"{series.path} has {series.num_features} variables, the model forecasts {config.num_features}")
     changed = trained_series and series.changes_since(trained_series)

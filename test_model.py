@@ -1423,6 +1423,11 @@ def test_a_directory_that_is_not_a_dataset_is_never_replaced(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(dataset.DataError, match="is not a dataset"):
         dataset.dataset_path(str(tmp_path), "file")
+    for out_dir in ("file", "file/below"):  # an out_dir that is (or lies below) a file
+        with pytest.raises(dataset.DataError) as e:
+            dataset.dataset_path(str(tmp_path / out_dir), "ds")
+        assert str(e.value) == (f"out_dir={str(tmp_path / out_dir)!r}: {tmp_path / 'file'} is a file, not a folder "
+                                f"(the dataset goes to out_dir/name)")
     write_tiny_dataset(tmp_path / "ds")  # a dataset may be rebuilt in place
     assert dataset.dataset_path(str(tmp_path), "ds") == os.path.join(str(tmp_path), "ds")
     result = run_prepare("--name=.", f"--out_dir={tmp_path}", cwd=tmp_path)  # the command line says so too
@@ -2128,6 +2133,15 @@ def test_rebuild_replaces_the_dataset_and_cleans_up(tmp_path, tiny_csvs):
     assert os.listdir(tmp_path / "data") == ["ds"]
     meta, a = load_split(out / "train")
     assert meta["build"]["num_aug"] == 5 and a["inputs"].shape == (8 * 6, 81)
+
+
+def test_ctrl_c_is_one_line_naming_what_it_leaves(tmp_path):
+    code = ("import dataset\n"
+            "dataset.exit_cleanly('x.py', lambda: '; its checkpoint out/ckpt.pt (step 40) continues')\n"
+            "raise KeyboardInterrupt\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == ["x.py: interrupted; its checkpoint out/ckpt.pt (step 40) continues"]
 
 
 def test_sigterm_mid_build_leaves_nothing(tmp_path):
@@ -3086,6 +3100,19 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
                    "--arc_task=0d3d703e is a training task of data/arc-sample-aug-2, not in its evaluation set")
     one_line_error(no_dataset.result(), "data/nope: no such dataset: the one the model trained on names its puzzle")
     one_line_error(stepped.result(), "show_steps=True: for sudoku and maze models, and this is an arc model")
+    one_line_error(run_script("train.py", [f"--out_dir={tmp_path / 'split'}", "--dataset=arc-sample-aug-2/test"],
+                              cwd=tmp_path, check=False),
+                   "dataset='arc-sample-aug-2/test': data/arc-sample-aug-2/test is the test split of the dataset "
+                   "data/arc-sample-aug-2; give the dataset's folder")
+    # rebuilt with another seed, the dataset names other augmentations: the trained embeddings are not theirs
+    result = run_prepare("--source=sample", "--num_aug=2", "--seed=1", cwd=tmp_path, script="prepare_arc.py")
+    assert result.returncode == 0, result.stderr
+    rebuilt = "data/arc-sample-aug-2 was rebuilt since " + str(out / "ckpt.pt") + " was trained: its identifiers.json"
+    one_line_error(run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True"],
+                              cwd=tmp_path, check=False), rebuilt)
+    one_line_error(start_script("sample.py", [f"--out_dir={out}", "--arc_task=6ea4a07e"], cwd=tmp_path,
+                                check=False).result(),
+                   f"data/arc-sample-aug-2's identifiers.json names other puzzles than the dataset {out}/ckpt.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -3553,7 +3580,7 @@ def test_timeseries_end_to_end(synthetic_run, tmp_path, start_script):
     not_puzzles = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
     args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--loss_type=softmax"]
     puzzle_option = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
-    args = [f"--out_dir={tmp_path}", "--dataset=synthetic", "--ts_loss=huber"]
+    args = [f"--out_dir={tmp_path}", "--dataset=data/synthetic", "--ts_loss=huber"]  # (its data/ given too)
     bad_loss = start_script("train.py", args + TINY_MODEL, cwd=synthetic_run, check=False)
     plot_folder = start_script("sample.py", [f"--out_dir={synthetic_run / 'out'}", f"--plot={tmp_path}"],
                                cwd=synthetic_run, check=False)
@@ -4388,7 +4415,10 @@ def test_sample_solves_and_reports(sudoku_checkpoint, tmp_path, start_script):
     folder = start_script("sample.py", [f"--out_dir={out}", f"--puzzles={tmp_path}"], cwd=tmp_path, check=False)
     bad_dtype = start_script("sample.py", [f"--out_dir={out}", f"--puzzle={puzzle}", "--dtype=fp32"], cwd=tmp_path,
                              check=False)
+    checkpoint_file = start_script("sample.py", [f"--out_dir={out}/ckpt.pt", f"--puzzle={puzzle}"], cwd=tmp_path,
+                                   check=False)
     one_line_error(no_run.result(), "no such file (train a model with train.py, or set --out_dir)")
+    one_line_error(checkpoint_file.result(), f"out_dir='{out}/ckpt.pt' is a file: give the folder that holds the run's")
     one_line_error(bad_dtype.result(), "dtype='fp32': must be 'float32', 'bfloat16' or 'float16'")
     nothing = nothing.result()
     assert nothing.returncode != 0 and "no puzzle could be read (1 had errors)" in nothing.stderr

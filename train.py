@@ -30,12 +30,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from dataset import (IGNORE_LABEL_ID, DataError, PuzzleData, SeriesData, TrainBatches, WindowBatches, Windows,
-                     check_ranges, eval_batches, exit_cleanly, remove_stale_temp_files, task_of, write_atomically,
-                     write_text_atomically)
+                     check_ranges, dataset_dir, eval_batches, exit_cleanly, identifiers_digest,
+                     remove_stale_temp_files, task_of, write_atomically, write_text_atomically)
 from model import (Carry, WeightEMA, build_model, check_device, check_fp8, load_checkpoint,
                    load_reference_checkpoint)
 
-exit_cleanly('train.py')  # bad input (data, checkpoint, config) ends the run with one line, not a traceback
+last_saved = None  # (step, path) of the last checkpoint this run wrote: where a Ctrl-C leaves it
+# bad input (data, checkpoint, config) ends the run with one line, not a traceback, and so does a Ctrl-C
+exit_cleanly('train.py', lambda: f"; its checkpoint {last_saved[1]} (step {last_saved[0]:,}) continues with "
+                                 f"--init_from=resume" if last_saved else "")
 run_start = time.time()  # max_minutes counts from here
 FIT_STEPS = 25  # a budgeted run times its steps 5..25 (after compilation) and an evaluation to fit its schedule
 
@@ -190,7 +193,7 @@ torch.backends.cudnn.allow_tf32 = True
 # -----------------------------------------------------------------------------
 # data, model, optimizers, and the state to resume from
 
-data_dir = os.path.join('data', dataset)
+data_dir = dataset_dir(dataset)
 is_series = os.path.isfile(os.path.join(data_dir, 'dataset.json'))  # a time series: windows cut from one series
 if is_series:
     series = SeriesData(data_dir)
@@ -204,6 +207,7 @@ if is_series:
 else:  # puzzles: examples in train/ and test/
     train_data = PuzzleData(os.path.join(data_dir, 'train'))
     test_data = PuzzleData(os.path.join(data_dir, 'test'))
+    identifiers = identifiers_digest(data_dir)  # which puzzle each puzzle embedding is for
     meta = train_data.meta
     train_batches = TrainBatches(train_data, global_batch_size, rank, world_size, seed)
     eval_sets = {'test': test_data}
@@ -256,6 +260,11 @@ if checkpoint is not None:
                      'halt_adaptive', 'grad_L_steps', 'fp8', 'halt_tolerance') and model_args.get(k) != v:
             raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
                             f"(was {data_dir} rebuilt?)")
+    if not is_series and checkpoint.get('identifiers', identifiers) != identifiers:
+        raise DataError(f"{data_dir} was rebuilt since {ckpt_path} was trained: its identifiers.json names other "
+                        f"puzzles, so the trained puzzle embeddings would serve puzzles they never saw; rebuild it "
+                        f"as it was (the same options and seed)" + ("" if eval_only else " or train from scratch in "
+                                                                    "another out_dir"))
     changed = is_series and checkpoint.get('series') and series.changes_since(checkpoint['series'])
     if changed:  # its windows, their split and their scale would no longer be the run's
         raise DataError(f"{data_dir} was rebuilt since {ckpt_path} was trained: {changed}; " +
@@ -377,6 +386,7 @@ def save_checkpoint():
     """Everything a resumed run needs to continue exactly: weights, both optimizers, the step, the data
     position, the ACT carry of the whole batch and every process's RNG; written to a temporary file, then
     renamed, so that an interrupted save leaves the previous checkpoint intact."""
+    global last_saved
     if world_size > 1:  # every process must hold the same weights and puzzle embedding; check before saving
         fingerprint = torch.stack([t.double().sum() for t in raw_model.state_dict().values() if t.is_floating_point()])
         fingerprints = gather(fingerprint[None])
@@ -391,6 +401,7 @@ def save_checkpoint():
     if master_process:
         checkpoint = dict(model=raw_model.state_dict(), model_args=model_args, config=config, iter_num=iter_num,
                           task=task, series=series.record() if is_series else None,
+                          identifiers=None if is_series else identifiers,
                           optimizer=dense_optimizer.state_dict(),
                           sparse_optimizer=sparse_optimizer.state_dict() if sparse_optimizer else None,
                           loader=train_batches.state_dict(), carry=saved_carry, rng=rngs, world_size=world_size,
@@ -399,6 +410,7 @@ def save_checkpoint():
                                       decay_anchor=decay_anchor)
                           if max_minutes > 0 else budget)  # (without a clock now, the schedule it had, unchanged)
         write_atomically(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
+        last_saved = (iter_num, ckpt_path)
 
 
 @contextlib.contextmanager
