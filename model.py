@@ -495,14 +495,15 @@ class HRM(nn.Module):
         return self.act_loss(answers, outputs, scored_only=True)[1], outputs
 
     @torch.no_grad()
-    def solve(self, forward, inputs, puzzle_identifiers, batch_size, labels=None):
+    def solve(self, forward, inputs, puzzle_identifiers, batch_size, labels=None, progress=None):
         """Every input through ACT segments, batch_size at a time, all on the device: a slot whose input halted
         takes the next one, as in training, so with config.halt_adaptive the batch works only on unfinished
         inputs. forward: this model (in eval mode) or its compiled version; inputs (N, seq_len) and
         puzzle_identifiers (N,) on the model's device. labels (N, seq_len), optional, change no result: a
         compiled forward that has run labelled evaluation batches runs the same graph here, where a batch
-        without labels would compile another. Returns the predicted tokens (N, seq_len) uint8, the Q head's
-        final halting probability (N,) and the segments each input ran (N,)."""
+        without labels would compile another. progress, optional, is called with the number of inputs finished
+        at each sync (for a progress bar). Returns the predicted tokens (N, seq_len) uint8, the Q head's final
+        halting probability (N,) and the segments each input ran (N,)."""
         N, B = inputs.shape[0], min(batch_size, inputs.shape[0])
         # the keys in the order of dataset.py's batches: a compiled forward's graph is keyed on it too
         data = dict(inputs=inputs, **({} if labels is None else dict(labels=labels)),
@@ -525,6 +526,8 @@ class HRM(nn.Module):
                 q_halt[row] = torch.sigmoid(outputs["q_halt_logits"])
                 segments[row] = carry.steps
             finished = int(handed_out.clamp(max=N) - ((slot < N) & ~carry.halted).sum())  # handed out, halted
+            if progress is not None:
+                progress(finished)
         return predictions[:N], q_halt[:N], segments[:N]
 
     def predictions(self, outputs):

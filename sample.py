@@ -161,7 +161,9 @@ def run(model, forward, tokens, puzzle_identifiers=None):
     if compile:  # compilation happens on the first call: do it before the clock starts
         model.solve(forward, tokens[:batch_size], ids[:batch_size], batch_size)
     started = time.time()
-    predictions, q_halt, segments = model.solve(forward, tokens, ids, batch_size)
+    with tqdm(total=len(tokens), desc='solving', disable=len(tokens) <= batch_size) as bar:
+        predictions, q_halt, segments = model.solve(forward, tokens, ids, batch_size,
+                                                    progress=lambda finished: bar.update(finished - bar.n))
     predictions, q_halt, segments = predictions.cpu().numpy(), q_halt.cpu().numpy(), segments.cpu().numpy()
     seconds = time.time() - started
     rate = len(tokens) / seconds

@@ -427,7 +427,9 @@ def test_solve_streams_inputs_through_the_batch():
     assert_close(q_halt, torch.sigmoid(outputs["q_halt_logits"]), "q_halt")
 
     config.halt_adaptive = True
-    predictions, q_halt, segments = model.solve(model, inputs, ids, batch_size=4)
+    reported = []  # inputs finished at each sync, for a progress bar: rising to all 11
+    predictions, q_halt, segments = model.solve(model, inputs, ids, batch_size=4, progress=reported.append)
+    assert reported == sorted(reported) and reported[-1] == 11
     for i in range(11):
         alone = dict(inputs=inputs[i:i + 1], puzzle_identifiers=ids[i:i + 1])
         carry, steps = model.initial_carry(alone), 0
