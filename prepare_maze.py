@@ -94,11 +94,15 @@ def _name(token):
     return "PAD" if token == PAD else repr(CHARSET[token - 1])
 
 
-def to_tokens(text, side, allowed):
+def to_tokens(text, side, allowed, size_option=""):
     """One maze's text -> (tokens (side*side,) uint8, None), or (None, what is wrong): its length, or a
-    character not in `allowed`."""
+    character not in `allowed`. A length that is another square grid's says which, and with size_option (the
+    setting that chose side) how to read it: the side is never inferred, it sets the model's shape."""
     if len(text) != side * side:
-        return None, f"expected {side * side} characters (a {side}x{side} maze), got {len(text)}"
+        other, got = math.isqrt(len(text)), f"got {len(text)}"
+        if other >= 2 and other * other == len(text):
+            got += f" (a {other}x{other} maze" + (f": pass {size_option}={other})" if size_option else ")")
+        return None, f"expected {side * side} characters (a {side}x{side} maze), {got}"
     j = next((k for k, ch in enumerate(text) if ch not in allowed), None)
     if j is not None:
         return None, f"character {text[j]!r} at {cell(j, side)} is not one of {allowed!r}"
@@ -208,14 +212,15 @@ def evaluate(data, predictions, q_halt, out_dir):
 # -----------------------------------------------------------------------------
 # reading mazes: the original's CSVs, and for sample.py a maze, a text file or a CSV
 
-def read_maze_csv(path, side, bad=None, need_answers=True):
+def read_maze_csv(path, side, bad=None, need_answers=True, size_option=""):
     """(questions, answers, lines) of a CSV's good rows: (N, side*side) uint8 tokens (answers None when not
-    need_answers and the file has no answer column) and the line of each. Bad rows go to `bad` (a BadRows)."""
+    need_answers and the file has no answer column) and the line of each. Bad rows go to `bad` (a BadRows);
+    a question of another size names size_option (see to_tokens)."""
     bad = bad or BadRows(skip_bad=False)
     questions, answers, lines = [], [], []
     for line, row in read_csv(path, ("question", "answer") if need_answers else ("question",), ("answer",), bad,
                               strip=False):
-        question, problem = to_tokens(row["question"], side, CHARSET[:4])
+        question, problem = to_tokens(row["question"], side, CHARSET[:4], size_option)
         if problem:
             bad.add(path, line, "bad question", f"question: {problem}")
             continue
@@ -468,7 +473,7 @@ def main():
         splits, build = [], dict(csv=[os.path.abspath(p) for p in paths], rows_skipped={})
         for path in paths:
             bad = BadRows(skip_bad)
-            questions, answers, _ = read_maze_csv(path, size, bad)
+            questions, answers, _ = read_maze_csv(path, size, bad, size_option="--size")
             print(f"{path}: {len(questions):,} mazes")
             for line in bad.report():
                 print("  " + line)

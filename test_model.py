@@ -2447,6 +2447,21 @@ def test_maze_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_p
         assert result.returncode == 1 and result.stderr.startswith(f"prepare_maze.py: {message}"), result.stderr
 
 
+def test_maze_csv_of_another_size_names_the_size_to_pass(tmp_path):
+    # the README's round trip: mazes written with --size=9 read back without it
+    write_csv(tmp_path / "train.csv", maze_rows(2))
+    write_csv(tmp_path / "test.csv", maze_rows(1, seed=5))
+    result = run_prepare_maze("--source=local", "--train_csv=train.csv", "--test_csv=test.csv", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == ("prepare_maze.py: train.csv line 2: question: expected 900 "
+                                                        "characters (a 30x30 maze), got 81 (a 9x9 maze: pass --size=9)\n")
+    assert not os.path.exists(tmp_path / "data")
+    # sample.py reads at its model's side, which no setting changes: the size alone is named
+    with pytest.raises(dataset.DataError) as e:
+        pm.read_maze_csv(str(tmp_path / "train.csv"), 15)
+    assert str(e.value) == (f"{tmp_path / 'train.csv'} line 2: question: expected 225 characters (a 15x15 maze), "
+                            f"got 81 (a 9x9 maze)")
+
+
 @pytest.mark.parametrize("script, arg, message", [
     ("prepare_maze.py", "--seed=-1", "seed=-1: must be >= 0"),
     ("prepare_maze.py", "--size=1", "size=1: must be >= 2"),
