@@ -455,6 +455,13 @@ def main():
     if source != "generate" and settled:
         raise DataError(f"{settled[0]} is for generated mazes (--source=generate); --source={source} takes the CSVs' "
                         f"mazes as they are (subsample_size takes fewer)")
+    if write_csv:  # refused before the build, not after it; CSVs are never written over (they may be the input)
+        if os.path.exists(write_csv) and not os.path.isdir(write_csv):
+            raise DataError(f"write_csv={write_csv!r}: a file, not a directory (train.csv and test.csv go there)")
+        taken = [p for p in (os.path.join(write_csv, f"{s}.csv") for s in ("train", "test")) if os.path.lexists(p)]
+        if taken:
+            raise DataError(f"write_csv={write_csv!r}: {taken[0]} exists; not writing over it (delete it or choose "
+                            f"another directory)")
     started = time.time()
     if source == "generate":
         min_length = min_path_length or hard_length(size)
@@ -487,9 +494,6 @@ def main():
     written = build_dataset(*splits, out_path, size, aug, build)
     print(f"wrote {out_path} ({human_bytes(written)}) in {time.time() - started:.1f} s")
     if write_csv:
-        taken = [p for p in (os.path.join(write_csv, f"{s}.csv") for s in ("train", "test")) if os.path.exists(p)]
-        if taken:
-            raise DataError(f"write_csv={write_csv!r}: {taken[0]} exists; not writing over it (the dataset is written)")
         os.makedirs(write_csv, exist_ok=True)
         for split, (questions, answers) in zip(("train", "test"), splits):
             save_csv(os.path.join(write_csv, f"{split}.csv"), questions, answers, f"prepare_maze.py seed={seed}"

@@ -2518,6 +2518,27 @@ def test_command_line_generates_and_round_trips_through_csv(tmp_path):
         assert np.array_equal(other["inputs"], generated[split]["inputs"][:n])
 
 
+def test_maze_write_csv_is_refused_before_the_build(tmp_path):
+    args = ("--size=9", "--num_train=2", "--num_test=1")
+    (tmp_path / "notes.txt").write_text("kept\n")
+    result = run_prepare_maze(*args, "--write_csv=notes.txt", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == ("prepare_maze.py: write_csv='notes.txt': a file, not a directory "
+                                                        "(train.csv and test.csv go there)\n")
+    assert not os.path.exists(tmp_path / "data") and (tmp_path / "notes.txt").read_text() == "kept\n"
+    assert run_prepare_maze(*args, "--write_csv=csv", cwd=tmp_path).returncode == 0
+    shutil.rmtree(tmp_path / "data")
+    written = {split: (tmp_path / "csv" / f"{split}.csv").read_bytes() for split in ("train", "test")}
+    (tmp_path / "csv" / "train.csv").unlink()
+    for taken in ("test", "train"):  # a second run of the same command: nothing built, nothing written over
+        result = run_prepare_maze(*args, "--write_csv=csv", cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr == (f"prepare_maze.py: write_csv='csv': "
+                                                            f"{os.path.join('csv', taken)}.csv exists; not writing "
+                                                            f"over it (delete it or choose another directory)\n")
+        assert not os.path.exists(tmp_path / "data")
+        (tmp_path / "csv" / "train.csv").write_bytes(written["train"])
+    assert (tmp_path / "csv" / "test.csv").read_bytes() == written["test"]
+
+
 @pytest.fixture
 def serve_directory():
     """serve(directory) -> the base URL of a local HTTP server over it, stopped after the test."""
