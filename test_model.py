@@ -2518,6 +2518,27 @@ def test_command_line_generates_and_round_trips_through_csv(tmp_path):
         assert np.array_equal(other["inputs"], generated[split]["inputs"][:n])
 
 
+def test_maze_training_set_never_holds_test_mazes(tmp_path):
+    rows = maze_rows(6, seed=7)
+    turn = lambda text: pm.to_text(dataset.dihedral(pm.to_tokens(text, 9, pm.CHARSET)[0].reshape(9, 9), 1).ravel())
+    turned = dict(rows[4], question=turn(rows[4]["question"]), answer=turn(rows[4]["answer"]))
+    write_csv(tmp_path / "train.csv", [rows[0], rows[3], rows[1], turned, rows[2]])
+    write_csv(tmp_path / "test.csv", rows[3:])
+    result = run_prepare_maze("--source=local", "--train_csv=train.csv", "--test_csv=test.csv", "--size=9", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("warning: left out 2 training maze(s) that are test mazes, as they are or turned or mirrored (e.g. "
+            "train.csv line 3): training on them would train on the test's answers\n") in result.stdout
+    meta, a = load_split(tmp_path / "data" / "maze-9x9-hard-3" / "train")
+    assert [pm.to_text(q) for q in a["inputs"]] == [r["question"] for r in rows[:3]]
+    assert meta["build"]["test_mazes_left_out"] == 2
+    result = run_prepare_maze("--source=local", "--train_csv=test.csv", "--test_csv=test.csv", "--size=9",
+                              "--name=leak", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == ("prepare_maze.py: all 3 training mazes are test mazes, as they "
+                                                        "are or turned or mirrored (e.g. test.csv line 2): nothing left "
+                                                        "to train on\n")
+    assert not os.path.exists(tmp_path / "data" / "leak")
+
+
 def test_maze_write_csv_is_refused_before_the_build(tmp_path):
     args = ("--size=9", "--num_train=2", "--num_test=1")
     (tmp_path / "notes.txt").write_text("kept\n")
