@@ -8,7 +8,8 @@ One section per file under test:
   (float32 and float16: the interpreter mishandles bfloat16), on the GPU where there is one;
 - dataset.py: the shared format, safe atomic writes, damaged files, the dihedral transforms, downloads;
 - prepare_sudoku.py: parsing and checks, the augmentation, the dataset layout, bad input, interruptions;
-- prepare_maze.py: the generator's guarantees, the path scorer, the original's CSVs, bad rows, end to end;
+- prepare_maze.py: the generator's guarantees, the path scorer, the original's CSVs, bad rows, test mazes kept
+  out of training, end to end;
 - prepare_arc.py: the encoding, the variants and their names, the sources and their checks, the voting;
 - prepare_timeseries.py and the forecasting model: windows and borders, calendar features, bad rows, the
   heads, shorter windows and halting, a forecaster that learns, the baselines, the SVG, end to end;
