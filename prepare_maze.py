@@ -500,6 +500,7 @@ def main():
             splits.append((questions, answers))
             lines.append(numbers)
             build["rows_skipped"][os.path.basename(path)] = bad.counts
+    named_count = len(splits[0][0])  # the default name counts the mazes read (Maze-Hard stays maze-30x30-hard-1k)
     leaked = in_test_set(splits[0][0], splits[1][0], size)  # generated too: small grids repeat (5x5: 5 in 200)
     if leaked.any():
         i = int(np.flatnonzero(leaked)[0])
@@ -515,7 +516,8 @@ def main():
         chosen = np.sort(np.random.default_rng(seed).choice(len(splits[0][0]), subsample_size, replace=False))
         splits[0] = (splits[0][0][chosen], splits[0][1][chosen])
         build.update(subsample_size=subsample_size, seed=seed)
-    out_path = dataset_path(out_dir, name or default_name(source, size, len(splits[0][0]), aug))
+        named_count = subsample_size
+    out_path = dataset_path(out_dir, name or default_name(source, size, named_count, aug))
     written = build_dataset(*splits, out_path, size, aug, build)
     print(f"wrote {out_path} ({human_bytes(written)}) in {time.time() - started:.1f} s")
     if write_csv:

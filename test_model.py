@@ -2529,7 +2529,7 @@ def test_maze_training_set_never_holds_test_mazes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert ("warning: left out 2 training maze(s) that are test mazes, as they are or turned or mirrored (e.g. "
             "train.csv line 3): training on them would train on the test's answers\n") in result.stdout
-    meta, a = load_split(tmp_path / "data" / "maze-9x9-hard-3" / "train")
+    meta, a = load_split(tmp_path / "data" / "maze-9x9-hard-5" / "train")  # named by the mazes read
     assert [pm.to_text(q) for q in a["inputs"]] == [r["question"] for r in rows[:3]]
     assert meta["build"]["test_mazes_left_out"] == 2
     result = run_prepare_maze("--source=local", "--train_csv=test.csv", "--test_csv=test.csv", "--size=9",
