@@ -526,7 +526,7 @@ def evaluate(data, predictions, q_halt, out_dir):
     ranked = {(task, j): rank(candidates[task, j]) for task in predicted for j in range(num_tests[task])}
     scored = [task for task in predicted if all(answers[task, j] is not None for j in range(num_tests[task]))]
     metrics = {}
-    for k in (1, 2):
+    for k in (1, 2) if scored else ():  # (an evaluation set without solutions: no score, only submission.json)
         correct = {task: [any(np.array_equal(grid, answers[task, j]) for grid, _, _ in ranked[task, j][:k])
                           for j in range(num_tests[task])] for task in scored}
         metrics[f'pass@{k}'], metrics[f'task_pass@{k}'] = score(correct)

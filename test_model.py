@@ -3103,9 +3103,15 @@ def test_arc_unsolved_evaluation_set_is_submitted_not_scored(tmp_path):
     data = dataset.PuzzleData(str(tmp_path / "data" / "hidden" / "test"))
     assert (data.labels == 0).all()  # PAD everywhere: nothing to score
     metrics = pa.evaluate(data, data.inputs, np.zeros(data.num_examples), str(tmp_path))
-    assert metrics["tasks_scored"] == 0 and metrics["pass@2"] == 0
+    assert metrics == {"tasks_scored": 0.0, "test_inputs_scored": 0.0, "votes_per_input": 2.0}  # no pass@k of 0
     with open(tmp_path / "submission.json") as f:
         assert len(json.load(f)) == 10
+    # train.py's evaluation logs no zeros that would read as scores: no example has an answer to average over
+    result = run_script("train.py", ["--dataset=hidden", f"--out_dir={tmp_path / 'out'}", "--global_batch_size=8",
+                                     "--max_steps=1", "--puzzle_emb_ndim=16", "--halt_max_steps=1"] + TINY_MODEL,
+                        cwd=tmp_path)
+    assert read_eval_log(tmp_path / "out")[-1] == dict(step=1, minutes=pytest.approx(0, abs=5), **metrics)
+    assert "eval tasks_scored 0.0000, test_inputs_scored 0.0000, votes_per_input 2.0000" in result.stdout
 
 
 def test_arc_format_grids_in_digits_and_colours():

@@ -453,7 +453,9 @@ def evaluate(warm_up=False):
         if world_size > 1:
             dist.all_reduce(sums)
         sums = dict(zip(sorted(metrics), sums.tolist()))
-        metrics = {k: v / max(sums['count'], 1) for k, v in sums.items() if k != 'count'}
+        # averages over the examples with an answer; where none has one (an ARC evaluation set without
+        # solutions) there is nothing to average, and zeros would read as scores
+        metrics = {k: v / sums['count'] for k, v in sums.items() if k != 'count' and sums['count'] > 0}
         if task_evaluate is not None and master_process:
             # the batches give row start + i to position i of the gathered global batch: rows past the end are padding
             predictions, q_halt = torch.cat(predictions)[:num_eval].numpy(), torch.cat(q_halt)[:num_eval].numpy()
@@ -515,7 +517,7 @@ def log_eval(step, final=False):
     if master_process:
         val = {k[4:]: v for k, v in metrics.items() if k.startswith('val_')}  # a series' validation part
         test = {k: v for k, v in metrics.items() if not k.startswith('val_')}
-        shown = lambda part: ", ".join(f"{k} {v:.4f}" for k, v in part.items())
+        shown = lambda part: ", ".join(f"{k} {v:.4f}" for k, v in part.items()) or "nothing to score (no answers)"
         tqdm.write(f"step {step} ({minutes():.1f} min): eval " + (f"val {shown(val)}; test {shown(test)}" if val
                                                                    else shown(test)))
         with open(os.path.join(out_dir, 'eval_log.jsonl'), 'a') as f:
