@@ -218,6 +218,12 @@ def read_task(obj, task_id, file, answers=None, need_answers=True):
     return Task(task_id, demos, tests, file)
 
 
+def is_many_tasks(obj):
+    """A JSON object of tasks by id (the Kaggle layout) where one task was expected: a message can say so."""
+    return isinstance(obj, dict) and bool(obj) and 'train' not in obj and \
+        all(isinstance(task, dict) and 'train' in task for task in obj.values())
+
+
 def read_folder(path, need_answers):
     """The tasks of a folder of per-task JSON files (and of its subfolders), sorted by id."""
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith('.json'))
@@ -228,7 +234,11 @@ def read_folder(path, need_answers):
         task_id = os.path.basename(file)[:-len('.json')]
         if task_id in tasks:
             raise DataError(f"{file}: task {task_id} is also {tasks[task_id].where}")
-        tasks[task_id] = read_task(read_json(file), task_id, file, need_answers=need_answers)
+        obj = read_json(file)
+        if is_many_tasks(obj):
+            raise DataError(f"{file}: a file of {len(obj):,} tasks by id (the Kaggle layout) in a folder of one task "
+                            f"a file: give the file itself, not its folder")
+        tasks[task_id] = read_task(obj, task_id, file, need_answers=need_answers)
     return [tasks[k] for k in sorted(tasks)]
 
 
@@ -571,7 +581,11 @@ def format_grids(grids, titles, colour=False, width=None):
 
 def read_task_file(path):
     """One task in the official per-task layout; its test outputs, where present, are the answers."""
-    return read_task(read_json(path), os.path.basename(path).removesuffix('.json'), path, need_answers=False)
+    obj = read_json(path)
+    if is_many_tasks(obj):
+        raise DataError(f"{path}: a file of {len(obj):,} tasks by id (the Kaggle layout), not one task: give one "
+                        f"task's JSON file, or a task's id in the dataset's evaluation set")
+    return read_task(obj, os.path.basename(path).removesuffix('.json'), path, need_answers=False)
 
 
 def check_dataset(data_dir):

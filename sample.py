@@ -309,6 +309,8 @@ def arc(model, forward):
         raise DataError(f"{data_dir}'s identifiers.json names other puzzles than the dataset {out_dir}/ckpt.pt "
                         f"trained on (rebuilt since, or --dataset names another): its puzzle embeddings would serve "
                         f"puzzles they never saw")
+    if os.path.isdir(arc_task):
+        raise DataError(f"arc_task={arc_task!r}: a folder, not a task's JSON file")
     task = pa.read_task_file(arc_task) if os.path.isfile(arc_task) else \
         pa.task_from_dataset(data_dir, arc_task, identifiers)
     variants = [(i, *pa.parse_name(n)[1:]) for i, n in enumerate(identifiers)

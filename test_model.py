@@ -2977,7 +2977,12 @@ def test_arc_bad_files_and_options_are_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "x_challenges.json").write_text(open(challenges).read())
     (tmp_path / "empty.json").write_text("{}")
     (tmp_path / "null.json").write_text("null")
-    cases = [(dict(challenges=str(tmp_path / "broken.json")), f"{tmp_path / 'broken.json'}: not valid JSON"),
+    (tmp_path / "kaggle").mkdir()  # a folder of one task a file, holding a file of many
+    (tmp_path / "kaggle" / "x_challenges.json").write_text(open(challenges).read())
+    cases = [(dict(challenges=challenges, train_sets=str(tmp_path / "kaggle")),
+              f"{tmp_path / 'kaggle' / 'x_challenges.json'}: a file of 10 tasks by id (the Kaggle layout) in a folder "
+              f"of one task a file: give the file itself, not its folder"),
+             (dict(challenges=str(tmp_path / "broken.json")), f"{tmp_path / 'broken.json'}: not valid JSON"),
              (dict(challenges=str(tmp_path / "null.json")), f"{tmp_path / 'null.json'}: expected {{task id: ...}}, got null"),
              (dict(challenges=challenges, solutions=str(tmp_path / "null.json")),
               f"{tmp_path / 'null.json'}: expected {{task id: ...}}, got null"),
@@ -3137,6 +3142,9 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
     training_task = start_script("sample.py", [f"--out_dir={out}", "--arc_task=0d3d703e"], cwd=tmp_path, check=False)
     no_dataset = start_script("sample.py", [f"--out_dir={out}", f"--arc_task={new_task}", "--dataset=nope"],
                               cwd=tmp_path, check=False)
+    kaggle_file = os.path.join(ARC_SAMPLE, "evaluation_challenges.json")  # many tasks by id, not one task
+    many_tasks = start_script("sample.py", [f"--out_dir={out}", f"--arc_task={kaggle_file}"], cwd=tmp_path, check=False)
+    folder = start_script("sample.py", [f"--out_dir={out}", f"--arc_task={tmp_path}"], cwd=tmp_path, check=False)
     stepped = start_script("sample.py", [f"--out_dir={out}", "--arc_task=6ea4a07e", "--show_steps=True"], cwd=tmp_path,
                            check=False)
     final = read_eval_log(out)[-1]
@@ -3165,6 +3173,8 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
     one_line_error(training_task.result(),
                    "--arc_task=0d3d703e is a training task of data/arc-sample-aug-2, not in its evaluation set")
     one_line_error(no_dataset.result(), "data/nope: no such dataset: the one the model trained on names its puzzle")
+    one_line_error(many_tasks.result(), f"{kaggle_file}: a file of 10 tasks by id (the Kaggle layout), not one task")
+    one_line_error(folder.result(), f"arc_task={str(tmp_path)!r}: a folder, not a task's JSON file")
     one_line_error(stepped.result(), "show_steps=True: for sudoku and maze models, and this is an arc model")
     one_line_error(run_script("train.py", [f"--out_dir={tmp_path / 'split'}", "--dataset=arc-sample-aug-2/test"],
                               cwd=tmp_path, check=False),
