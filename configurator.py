@@ -74,5 +74,7 @@ for _arg in sorted(sys.argv[1:], key=lambda a: a.startswith('--')):  # files fir
             if _key not in config_keys:
                 raise SystemExit(f"{_SCRIPT}{_arg}: unknown config key {_key!r}")
             globals()[_key] = config_overrides[_key] = _typed(_val, globals()[_key], f"{_arg}: {_key}")
-    else:
-        raise SystemExit(f"{_SCRIPT}{_arg}: expected --key=value or a config file ending in .py")
+    else:  # a value given as its own argument (--max_steps 5) is the likeliest slip: name the fix
+        _before = sys.argv[sys.argv.index(_arg) - 1]
+        _hint = f" (write {_before}={_arg})" if _before.startswith('--') and '=' not in _before else ""
+        raise SystemExit(f"{_SCRIPT}{_arg}: expected --key=value or a config file ending in .py{_hint}")

@@ -3744,6 +3744,7 @@ def test_configurator_keeps_types(args, printed):
     (["-steps=1"], None, "-steps=1: expected --key=value or a config file ending in .py"),
     (["steps=1"], None, "steps=1: expected --key=value or a config file ending in .py"),
     (["--steps"], None, "--steps: expected --key=value"),
+    (["--steps", "5"], None, "5: expected --key=value or a config file ending in .py (write --steps=5)"),
     (["missing.py"], None, "missing.py: cannot read this config file"),
     ([], "stepz = 4\n", "cfg.py: unknown config key 'stepz'"),
     ([], "steps = 'four'\n", "cfg.py: steps: expected int (default 3), got 'four'"),
