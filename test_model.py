@@ -3117,6 +3117,7 @@ def test_arc_unsolved_evaluation_set_is_submitted_not_scored(tmp_path):
                         cwd=tmp_path)
     assert read_eval_log(tmp_path / "out")[-1] == dict(step=1, minutes=pytest.approx(0, abs=5), **metrics)
     assert "eval tasks_scored 0.0000, test_inputs_scored 0.0000, votes_per_input 2.0000" in result.stdout
+    assert "note: the run ends at step 1, inside its warmup of 2,000 steps" in result.stdout  # the default warmup
 
 
 def test_arc_format_grids_in_digits_and_colours():

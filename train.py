@@ -339,6 +339,9 @@ if master_process:
     remove_stale_temp_files(out_dir, ('ckpt.pt', 'eval_log.jsonl', 'submission.json'))
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {described}; {stop_step:,} steps of "
           f"{global_batch_size} on {world_size} process(es), {device}, {dtype}")
+    if stop_step < warmup_steps and max_minutes <= 0:  # (a budget says so once it has fitted its schedule)
+        print(f"note: the run ends at step {stop_step:,}, inside its warmup of {warmup_steps:,} steps: the lr never "
+              f"reaches its peak (lower --warmup_steps)")
     if device_type == 'cpu' and raw_model.get_num_params() > 5e6:
         print(f"note: training a {raw_model.get_num_params() / 1e6:.0f}M-parameter model on the CPU takes hours "
               f"per thousand steps; is a GPU visible to torch?")
