@@ -282,6 +282,9 @@ def read_mazes(source, side):
         except DataError as e:
             errors.append(str(e))
         return entries, errors + bad.report(), sum(bad.counts.values())
+    if source.lower().endswith(".csv") and lines:  # a CSV without the original's header would read as text
+        raise DataError(f"{source}: a CSV needs a question column (and, to score, answer); its header is "
+                        f"{lines[0][:60]!r}")
     blocks, block = [], []  # runs of non-blank lines: (line number, text)
     for number, text in enumerate(lines + [""], start=1):
         if text:
@@ -297,7 +300,9 @@ def read_mazes(source, side):
             continue
         bad_row = next(((number, text) for number, text in block if len(text) != side), None)
         if bad_row:
-            errors.append(f"{source} line {bad_row[0]}: a row of {len(bad_row[1])} characters {shapes}")
+            trimmed = " (an editor may have trimmed its trailing spaces, which are open cells)" \
+                if len(bad_row[1]) < side and not bad_row[1].endswith(" ") else ""
+            errors.append(f"{source} line {bad_row[0]}: a row of {len(bad_row[1])} characters {shapes}{trimmed}")
         elif len(block) != side:
             errors.append(f"{source} line {block[0][0]}: a grid of {len(block)} rows {shapes}")
         else:

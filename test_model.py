@@ -2605,7 +2605,8 @@ def test_read_mazes_for_sample(tmp_path):
         [(f"{path} line 1", q0, None), (f"{path} line 11", q1, None)]
     shapes = "(a maze is 9 lines of 9 characters, or one line of 81)"
     assert errors == [f"{path} line 12: question has 1 S and 0 G, expected one of each",
-                      f"{path} line 14: a grid of 8 rows {shapes}", f"{path} line 26: a row of 8 characters {shapes}"]
+                      f"{path} line 14: a grid of 8 rows {shapes}", f"{path} line 26: a row of 8 characters {shapes} "
+                      f"(an editor may have trimmed its trailing spaces, which are open cells)"]
     assert unread == 3
     entries, errors, unread = pm.read_mazes(q1, 9)  # the maze itself
     assert [name for name, _, _ in entries] == ["--maze"] and errors == [] and unread == 0
@@ -2613,6 +2614,11 @@ def test_read_mazes_for_sample(tmp_path):
         pm.read_mazes("missing.txt", 9)
     with pytest.raises(dataset.DataError, match="a directory, not a file of mazes"):
         pm.read_mazes(str(tmp_path), 9)
+    (tmp_path / "quiz.csv").write_text(f"quiz,solution\n{q0},{rows[0]['answer']}\n")
+    with pytest.raises(dataset.DataError) as e:
+        pm.read_mazes(str(tmp_path / "quiz.csv"), 9)
+    assert str(e.value) == (f"{tmp_path / 'quiz.csv'}: a CSV needs a question column (and, to score, answer); its "
+                            f"header is 'quiz,solution'")
     bad, reason = corrupt_maze(rows[1], "answer with a gap")
     entries, errors, unread = pm.read_mazes(write_csv(tmp_path / "m.csv", [rows[0], bad, rows[2]]), 9)
     assert [pm.to_text(answer) for _, _, answer in entries] == [rows[0]["answer"], rows[2]["answer"]]
