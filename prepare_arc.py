@@ -319,12 +319,25 @@ def read_sets(source, challenges='', solutions='', train_sets=''):
     return training, evaluation
 
 
+def same_task(a, b):
+    """The same demonstrations and test pairs, grid for grid (answers unknown in either count as equal)."""
+    pairs = lambda task: [(x, y) for x, y in task.demos + task.tests]
+    return len(a.demos) == len(b.demos) and len(a.tests) == len(b.tests) and all(
+        np.array_equal(x1, x2) and (y1 is None or y2 is None or np.array_equal(y1, y2))
+        for (x1, y1), (x2, y2) in zip(pairs(a), pairs(b)))
+
+
 def training_tasks(training, evaluation, log=print):
     """The training sets' tasks, each id once, without the evaluation set's ids (their answers)."""
     evaluation_name, evaluation_tasks = evaluation
     taken = {task.id: evaluation_name for task in evaluation_tasks}
     kept = []
     for set_name, tasks in training:
+        first = {task.id: task for task in kept}
+        for task in tasks:  # an id read twice is one task only where both copies are the same
+            if task.id in first and not same_task(task, first[task.id]):
+                raise DataError(f"{task.where}: task {task.id} differs from the task of that id in "
+                                f"{first[task.id].where}: rename one, or train on one of the sets")
         leaked = [t.id for t in tasks if taken.get(t.id) == evaluation_name]
         repeated = [t.id for t in tasks if t.id in taken and taken[t.id] != evaluation_name]
         if leaked:

@@ -2928,6 +2928,11 @@ def test_arc_training_sets_never_hold_evaluation_tasks():
     assert messages == ["warning: a: left out 1 task(s) that are in the evaluation set eval (e.g. x): training on them "
                         "would train on its answers (ARC-AGI-2's training set holds 376 of ARC-AGI-1's evaluation tasks)",
                         "b: 1 task(s) already read from a kept once (e.g. y)"]
+    other_y = pa.Task("y", [(grid([1]), grid([5]))], [(grid([3]), grid([4]))], "b/y.json")  # the same id, not the same task
+    with pytest.raises(dataset.DataError) as e:
+        pa.training_tasks([("a", [task("y")]), ("b", [other_y])], ("eval", [task("x")]), log=messages.append)
+    assert str(e.value) == "b/y.json: task y differs from the task of that id in memory: rename one, or train on one of " \
+                           "the sets"
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_ARC), reason="the project's shared data is not here")
