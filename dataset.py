@@ -62,14 +62,17 @@ def check_ranges(values, rules):
 def exit_cleanly(script, interrupted=lambda: ""):
     """For a script's main program: from now on a DataError that reaches the top ends it as one line
     'script: message' (exit status 1) instead of a traceback, Ctrl-C as 'script: interrupted' and what
-    interrupted() adds, any other exception is still reported in full (as the bug it is), and SIGTERM unwinds
-    the program like Ctrl-C, so that what it was writing is cleaned up by the same handlers (a temporary
-    dataset directory, a download's .part file)."""
+    interrupted() adds (None: no line, as in a process other than torchrun's first), any other exception is
+    still reported in full (as the bug it is), and SIGTERM unwinds the program like Ctrl-C, so that what it
+    was writing is cleaned up by the same handlers (a temporary dataset directory, a download's .part file)."""
     def hook(kind, error, traceback):
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar still open would share the line
+            bar.close()
         if issubclass(kind, DataError):
             print(f"{script}: {error}", file=sys.stderr)
         elif issubclass(kind, KeyboardInterrupt):
-            print(f"{script}: interrupted{interrupted()}", file=sys.stderr)
+            if (said := interrupted()) is not None:
+                print(f"{script}: interrupted{said}", file=sys.stderr)
         else:
             sys.__excepthook__(kind, error, traceback)
     sys.excepthook = hook
@@ -202,10 +205,10 @@ def is_dataset(path):
 
 def dataset_dir(dataset):
     """The folder that train.py's and sample.py's --dataset names: data/<dataset>, or the path itself where
-    that is a dataset and data/<dataset> is nothing (a path given with its data/, or absolute)."""
+    data/<dataset> is nothing (a path given with its data/, or absolute)."""
     path = os.path.join("data", dataset)
-    if not os.path.exists(path) and is_dataset(dataset):
-        path = dataset
+    if not os.path.exists(path) and (os.path.exists(dataset) or dataset.startswith("data" + os.sep)):
+        path = dataset  # (a path under data/ that is not there is named as given, not as data/data/...)
     parent, split = os.path.split(os.path.normpath(path))
     if split in ("train", "test") and is_dataset(parent):  # (a split holds a dataset.json, as a series does)
         raise DataError(f"dataset={dataset!r}: {path} is the {split} split of the dataset {parent}; give the "
@@ -224,16 +227,22 @@ def identifiers_digest(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def check_folder(path, setting, what_goes_there):
+    """A folder's path that can be made before anything is built: no file where it or a folder above it
+    would be (a DataError naming the setting, and what goes there)."""
+    existing = os.path.abspath(path)  # path, or the nearest path above it that exists
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f"{setting}={path!r}: {existing} is a file, not a folder ({what_goes_there})")
+
+
 def dataset_path(out_dir, name):
     """out_dir/name, where name must be a plain directory name: '.', '..', '' or a path would make the
     build replace a directory that is not a dataset."""
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
         raise DataError(f"name={name!r}: must be a plain directory name (the dataset goes to out_dir/name)")
-    existing = os.path.abspath(out_dir)  # out_dir, or the nearest folder above it that exists
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise DataError(f"out_dir={out_dir!r}: {existing} is a file, not a folder (the dataset goes to out_dir/name)")
+    check_folder(out_dir, "out_dir", "the dataset goes to out_dir/name")
     path = os.path.join(out_dir, name)
     if os.path.lexists(path) and not is_dataset(path):
         raise DataError(f"{path} exists and is not a dataset: not replacing it (choose another name or out_dir)")

@@ -47,9 +47,9 @@ from functools import lru_cache
 import numpy as np
 from tqdm import tqdm
 
-from dataset import (BadRows, DataError, check_ranges, dataset_path, dihedral, download_once, exit_cleanly,
-                     human_bytes, is_csv_header, metadata, puzzle_arrays, read_csv, resolve_input, write_atomically,
-                     write_dataset)
+from dataset import (BadRows, DataError, check_folder, check_ranges, dataset_path, dihedral, download_once,
+                     exit_cleanly, human_bytes, is_csv_header, metadata, puzzle_arrays, read_csv, resolve_input,
+                     write_atomically, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: 1,000 + 1,000 generated 30x30 mazes, as Maze-Hard's sizes
@@ -474,12 +474,11 @@ def main():
         raise DataError(f"{settled[0]} is for generated mazes (--source=generate); --source={source} takes the CSVs' "
                         f"mazes as they are (subsample_size takes fewer)")
     if write_csv:  # refused before the build, not after it; CSVs are never written over (they may be the input)
-        if os.path.exists(write_csv) and not os.path.isdir(write_csv):
-            raise DataError(f"write_csv={write_csv!r}: a file, not a directory (train.csv and test.csv go there)")
+        check_folder(write_csv, "write_csv", "train.csv and test.csv go there")
         taken = [p for p in (os.path.join(write_csv, f"{s}.csv") for s in ("train", "test")) if os.path.lexists(p)]
         if taken:
-            raise DataError(f"write_csv={write_csv!r}: {taken[0]} exists; not writing over it (delete it or choose "
-                            f"another directory)")
+            raise DataError(f"write_csv={write_csv!r}: {taken[0]} exists; not writing over it (choose another "
+                            f"directory)")
     started = time.time()
     if source == "generate":
         min_length = min_path_length or hard_length(size)

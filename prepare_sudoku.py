@@ -156,10 +156,13 @@ def text_puzzles(lines):
         if text.strip():
             block.append((number, text))
             continue
-        rows = [row.replace(" ", "").replace("|", "") for _, row in block if not set(row) <= set("-+ ")]
-        if block and all(len(row) == 9 for row in rows):
-            puzzles.append((block[0][0], "".join(rows), None if len(rows) == 9 else
-                            f"a grid of {len(rows)} rows (a puzzle is 9 rows of 9 characters, or one line of 81)"))
+        rows = [(n, row.replace(" ", "").replace("|", "")) for n, row in block if not set(row) <= set("-+ ")]
+        shapes = "(a puzzle is 9 rows of 9 characters, or one line of 81)"
+        if block and all(len(row.strip()) <= 21 for _, row in block):  # a grid's rows, drawn with spaces and '|'
+            wrong = next(((n, row) for n, row in rows if len(row) != 9), None)  # named by its own line
+            puzzles.append((wrong[0], "", f"a grid row of {len(wrong[1])} characters {shapes}") if wrong else
+                           (block[0][0], "".join(row for _, row in rows),
+                            None if len(rows) == 9 else f"a grid of {len(rows)} rows {shapes}"))
         else:
             puzzles += [(number, row, None) for number, row in block]
         block = []

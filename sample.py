@@ -82,7 +82,8 @@ votes = 1                   # Sudoku: solve each puzzle as itself and under vote
 arc_task = ''               # ARC: a task's JSON file, or the id of a task in the dataset's evaluation set
 batch_size = 256
 quiet = False               # with many inputs: print only errors and the score
-dataset = ''                # ARC, time series: the dataset in data/ the model trained on ('' = the checkpoint's)
+dataset = ''                # ARC, time series: the dataset in data/ (or a path) the model trained on ('' = the
+                            # checkpoint's)
 split = 'test'              # time series: forecast the windows of 'test' or 'val'
 plot = ''                   # time series: draw one window's forecast into this SVG file
 window = -1                 # time series: the window to draw, its index in the split (negative: from the end)

@@ -1417,6 +1417,20 @@ def test_dataset_names_that_are_not_plain_are_refused(tmp_path, name):
         dataset.dataset_path(str(tmp_path), name)
 
 
+def test_dataset_dir_reads_names_and_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_tiny_dataset(tmp_path / "data" / "ds")
+    assert dataset.dataset_dir("ds") == os.path.join("data", "ds")
+    assert dataset.dataset_dir(os.path.join("data", "ds")) == os.path.join("data", "ds")  # given with its data/
+    assert dataset.dataset_dir(str(tmp_path / "data" / "ds")) == str(tmp_path / "data" / "ds")
+    assert dataset.dataset_dir(os.path.join("data", "typo")) == os.path.join("data", "typo")  # not data/data/typo
+    assert dataset.dataset_dir("nothing") == os.path.join("data", "nothing")
+    with pytest.raises(dataset.DataError) as e:
+        dataset.dataset_dir(os.path.join("ds", "train"))
+    assert str(e.value) == (f"dataset='ds/train': data/ds/train is the train split of the dataset data/ds; give the "
+                            f"dataset's folder")
+
+
 def test_a_directory_that_is_not_a_dataset_is_never_replaced(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_text("meow")
@@ -1666,11 +1680,14 @@ def test_text_puzzles_reads_lines_and_grids():
     row = read_rows(SAMPLE_TEST, 1)[0]["question"]
     grid = ps.parse_puzzle(row)
     bare = [row[9 * r:9 * r + 9] for r in range(9)]
-    lines = [row, ""] + ps.format_grid(grid).splitlines() + ["", ""] + bare + [""] + bare[:7] + ["", row[:80]]
+    mistyped = bare[:4] + [bare[4][:8]] + bare[5:]
+    lines = [row, ""] + ps.format_grid(grid).splitlines() + ["", ""] + bare + [""] + bare[:7] + ["", row[:80], ""] \
+        + mistyped
     found = ps.text_puzzles(lines)
+    shapes = "(a puzzle is 9 rows of 9 characters, or one line of 81)"
     assert [(number, problem) for number, _, problem in found] == [
-        (1, None), (3, None), (16, None),
-        (26, "a grid of 7 rows (a puzzle is 9 rows of 9 characters, or one line of 81)"), (34, None)]
+        (1, None), (3, None), (16, None), (26, f"a grid of 7 rows {shapes}"), (34, None),
+        (40, f"a grid row of 8 characters {shapes}")]  # one error for the grid, at its row
     for _, text, problem in found[:3]:
         assert np.array_equal(ps.parse_puzzle(text), grid)
     assert found[4][1] == row[:80]  # parse_puzzle says what is wrong with it
@@ -2138,13 +2155,19 @@ def test_rebuild_replaces_the_dataset_and_cleans_up(tmp_path, tiny_csvs):
     assert meta["build"]["num_aug"] == 5 and a["inputs"].shape == (8 * 6, 81)
 
 
-def test_ctrl_c_is_one_line_naming_what_it_leaves(tmp_path):
-    code = ("import dataset\n"
-            "dataset.exit_cleanly('x.py', lambda: '; its checkpoint out/ckpt.pt (step 40) continues')\n"
+@pytest.mark.parametrize("said, line", [("'; its checkpoint out/ckpt.pt (step 40) continues'",
+                                          "x.py: interrupted; its checkpoint out/ckpt.pt (step 40) continues"),
+                                         ("None", None)])  # None: a process that leaves the saying to another
+def test_ctrl_c_is_one_line_naming_what_it_leaves(said, line):
+    code = ("import dataset, tqdm\n"
+            f"dataset.exit_cleanly('x.py', lambda: {said})\n"
+            "bar = tqdm.tqdm(total=10, desc='train', ascii=True)\n"  # a bar still open: the line goes below it
+            "bar.update(3)\n"
             "raise KeyboardInterrupt\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert result.stderr.splitlines() == ["x.py: interrupted; its checkpoint out/ckpt.pt (step 40) continues"]
+    last = result.stderr.splitlines()[-1]
+    assert last == line if line else "interrupted" not in result.stderr and last.startswith("train: ")
 
 
 def test_sigterm_mid_build_leaves_nothing(tmp_path):
@@ -2543,9 +2566,11 @@ def test_maze_training_set_never_holds_test_mazes(tmp_path):
 def test_maze_write_csv_is_refused_before_the_build(tmp_path):
     args = ("--size=9", "--num_train=2", "--num_test=1")
     (tmp_path / "notes.txt").write_text("kept\n")
-    result = run_prepare_maze(*args, "--write_csv=notes.txt", cwd=tmp_path)
-    assert result.returncode == 1 and result.stderr == ("prepare_maze.py: write_csv='notes.txt': a file, not a directory "
-                                                        "(train.csv and test.csv go there)\n")
+    for write_csv in ("notes.txt", "notes.txt/csv"):  # a file, or a folder below one
+        result = run_prepare_maze(*args, f"--write_csv={write_csv}", cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr == (f"prepare_maze.py: write_csv={write_csv!r}: "
+                                                            f"{tmp_path / 'notes.txt'} is a file, not a folder "
+                                                            f"(train.csv and test.csv go there)\n")
     assert not os.path.exists(tmp_path / "data") and (tmp_path / "notes.txt").read_text() == "kept\n"
     assert run_prepare_maze(*args, "--write_csv=csv", cwd=tmp_path).returncode == 0
     shutil.rmtree(tmp_path / "data")
@@ -2555,7 +2580,7 @@ def test_maze_write_csv_is_refused_before_the_build(tmp_path):
         result = run_prepare_maze(*args, "--write_csv=csv", cwd=tmp_path)
         assert result.returncode == 1 and result.stderr == (f"prepare_maze.py: write_csv='csv': "
                                                             f"{os.path.join('csv', taken)}.csv exists; not writing "
-                                                            f"over it (delete it or choose another directory)\n")
+                                                            f"over it (choose another directory)\n")
         assert not os.path.exists(tmp_path / "data")
         (tmp_path / "csv" / "train.csv").write_bytes(written["train"])
     assert (tmp_path / "csv" / "test.csv").read_bytes() == written["test"]
@@ -2928,11 +2953,17 @@ def test_arc_training_sets_never_hold_evaluation_tasks():
     assert messages == ["warning: a: left out 1 task(s) that are in the evaluation set eval (e.g. x): training on them "
                         "would train on its answers (ARC-AGI-2's training set holds 376 of ARC-AGI-1's evaluation tasks)",
                         "b: 1 task(s) already read from a kept once (e.g. y)"]
-    other_y = pa.Task("y", [(grid([1]), grid([5]))], [(grid([3]), grid([4]))], "b/y.json")  # the same id, not the same task
-    with pytest.raises(dataset.DataError) as e:
-        pa.training_tasks([("a", [task("y")]), ("b", [other_y])], ("eval", [task("x")]), log=messages.append)
-    assert str(e.value) == "b/y.json: task y differs from the task of that id in memory: rename one, or train on one of " \
-                           "the sets"
+    # the same id: the same task with its demonstrations in another order (kept once), or another task (warned of)
+    y = pa.Task("y", [(grid([1]), grid([2])), (grid([5]), grid([6]))], [(grid([3]), grid([4]))], "a/y.json")
+    reordered = pa.Task("y", y.demos[::-1], [(grid([3]), None)], "b/y.json")
+    other = pa.Task("y", [(grid([1]), grid([5])), (grid([5]), grid([6]))], [(grid([3]), grid([4]))], "c/y.json")
+    messages = []
+    kept = pa.training_tasks([("a", [y]), ("b", [reordered]), ("c", [other])], ("eval", [task("x")]),
+                             log=messages.append)
+    assert kept == [y] and messages == [
+        "b: 1 task(s) already read from a kept once (e.g. y)",
+        "warning: c: 1 task(s) differ from the task of their id read before, which is kept (e.g. y: c/y.json against "
+        "a/y.json)", "c: 1 task(s) already read from a kept once (e.g. y)"]
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_ARC), reason="the project's shared data is not here")
@@ -3201,6 +3232,9 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
     one_line_error(start_script("sample.py", [f"--out_dir={out}", "--arc_task=6ea4a07e"], cwd=tmp_path,
                                 check=False).result(),
                    f"data/arc-sample-aug-2's identifiers.json names other puzzles than the dataset {out}/ckpt.pt")
+    # rebuilt as it was (the same options and seed), it is the dataset the model trained on again
+    assert run_prepare("--source=sample", "--num_aug=2", cwd=tmp_path, script="prepare_arc.py").returncode == 0
+    run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True"], cwd=tmp_path)
 
 
 # -----------------------------------------------------------------------------

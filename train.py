@@ -35,10 +35,18 @@ from dataset import (IGNORE_LABEL_ID, DataError, PuzzleData, SeriesData, TrainBa
 from model import (Carry, WeightEMA, build_model, check_device, check_fp8, load_checkpoint,
                    load_reference_checkpoint)
 
-last_saved = None  # (step, path) of the last checkpoint this run wrote: where a Ctrl-C leaves it
-# bad input (data, checkpoint, config) ends the run with one line, not a traceback, and so does a Ctrl-C
-exit_cleanly('train.py', lambda: f"; its checkpoint {last_saved[1]} (step {last_saved[0]:,}) continues with "
-                                 f"--init_from=resume" if last_saved else "")
+last_saved = None  # (step, path) of the run's checkpoint, written or resumed from: where a Ctrl-C leaves it
+
+
+def interrupted():
+    """What the line a Ctrl-C ends the run with adds: where it can continue from (the first process only)."""
+    if os.environ.get('RANK', '0') != '0':
+        return None
+    return f"; its checkpoint {last_saved[1]} (step {last_saved[0]:,}) continues with --init_from=resume" \
+        if last_saved else ""
+
+
+exit_cleanly('train.py', interrupted)  # bad input (data, checkpoint, config) or a Ctrl-C: one line, no traceback
 run_start = time.time()  # max_minutes counts from here
 FIT_STEPS = 25  # a budgeted run times its steps 5..25 (after compilation) and an evaluation to fit its schedule
 
@@ -57,7 +65,7 @@ wandb_log = False           # wandb is imported only when this is on
 wandb_project = 'hrm'
 wandb_run_name = 'hrm'
 # data
-dataset = 'sudoku-extreme-1k-aug-1000'  # data/<dataset>/{train,test}
+dataset = 'sudoku-extreme-1k-aug-1000'  # data/<dataset>/{train,test} (or a dataset folder's path)
 global_batch_size = 384     # sequences per step, summed over processes
 epochs = 20000              # passes over the training groups; sets the number of steps
 max_steps = 0               # if > 0, stop here instead (the lr schedule still spans `epochs`)
@@ -251,16 +259,16 @@ else:
     try:
         model = build_model(model_args)
     except DataError as e:  # the config names its own field; name the option that set it
-        field, _, rest = str(e).partition('=')
+        field, equals, rest = str(e).partition('=')
         renamed = {'layout': 'ts_layout', 'head': 'ts_head', 'loss_type': 'ts_loss'} if is_series else {}
-        raise DataError(f"{renamed.get(field, field)}={rest}") from None
+        raise DataError(f"{renamed.get(field, field)}{equals}{rest}") from None
 if checkpoint is not None:
     for k, v in checkpoint['model_args'].items():  # the dataset may have been rebuilt since
         if k not in ('batch_size', 'forward_dtype', 'halt_max_steps', 'halt_exploration_prob', 'act_continue',
                      'halt_adaptive', 'grad_L_steps', 'fp8', 'halt_tolerance') and model_args.get(k) != v:
             raise DataError(f"{ckpt_path} was trained with {k}={v!r}, but now it is {model_args.get(k)!r} "
                             f"(was {data_dir} rebuilt?)")
-    if not is_series and checkpoint.get('identifiers', identifiers) != identifiers:
+    if not is_series and checkpoint.get('identifiers') and checkpoint['identifiers'] != identifiers:
         raise DataError(f"{data_dir} was rebuilt since {ckpt_path} was trained: its identifiers.json names other "
                         f"puzzles, so the trained puzzle embeddings would serve puzzles they never saw; rebuild it "
                         f"as it was (the same options and seed)" + ("" if eval_only else " or train from scratch in "
@@ -272,6 +280,7 @@ if checkpoint is not None:
                          "train from scratch in another out_dir"))
     model.load_state_dict(checkpoint['model'])
     iter_num = checkpoint['iter_num']
+    last_saved = None if eval_only else (iter_num, ckpt_path)
     budget = checkpoint.get('budget')
     # a budgeted run's schedule goes on; with max_minutes its clock too, and with --max_minutes=0 the schedule
     # the budget last fitted runs to its end (the one epochs gives would make the lr jump; --epochs asks for it)
@@ -339,7 +348,7 @@ if master_process:
     remove_stale_temp_files(out_dir, ('ckpt.pt', 'eval_log.jsonl', 'submission.json'))
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {described}; {stop_step:,} steps of "
           f"{global_batch_size} on {world_size} process(es), {device}, {dtype}")
-    if stop_step < warmup_steps and max_minutes <= 0:  # (a budget says so once it has fitted its schedule)
+    if stop_step < warmup_steps and max_minutes <= 0 and not eval_only:  # (a budget says so once it is fitted)
         print(f"note: the run ends at step {stop_step:,}, inside its warmup of {warmup_steps:,} steps: the lr never "
               f"reaches its peak (lower --warmup_steps)")
     if device_type == 'cpu' and raw_model.get_num_params() > 5e6:
