@@ -3234,7 +3234,8 @@ def test_arc_prepare_train_evaluate_submit_and_sample(tmp_path, start_script):
                    f"data/arc-sample-aug-2's identifiers.json names other puzzles than the dataset {out}/ckpt.pt")
     # rebuilt as it was (the same options and seed), it is the dataset the model trained on again
     assert run_prepare("--source=sample", "--num_aug=2", cwd=tmp_path, script="prepare_arc.py").returncode == 0
-    run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True"], cwd=tmp_path)
+    run_script("train.py", [f"--out_dir={out}", "--init_from=resume", "--eval_only=True",
+                            "--dataset=data/arc-sample-aug-2"], cwd=tmp_path)  # the run's dataset, named by its path
 
 
 # -----------------------------------------------------------------------------

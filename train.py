@@ -138,7 +138,9 @@ if init_from == 'resume':
     checkpoint = load_checkpoint(ckpt_path)
     for k in config_keys:
         saved = checkpoint['config'].get(k, globals()[k])
-        if k in config_overrides and config_overrides[k] != saved:
+        same_folder = k == 'dataset' and k in config_overrides and \
+            os.path.abspath(dataset_dir(config_overrides[k])) == os.path.abspath(dataset_dir(saved))  # data/x is x
+        if k in config_overrides and config_overrides[k] != saved and not same_folder:
             if k in FIXED_KEYS:
                 raise DataError(f"{k}={config_overrides[k]!r}, but the run in {ckpt_path} has {saved!r}; a resumed "
                                 f"run keeps it (train from scratch in another out_dir to change it)")
