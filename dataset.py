@@ -122,6 +122,20 @@ def is_csv_header(line, column):
     return column in [name.strip() for name in next(csv.reader([line]), [])]
 
 
+def line_blocks(lines, blank=lambda text: not text):
+    """The runs of non-blank lines of a text file that separates its records by blank lines (sample.py's
+    mazes, Sudoku grids), each a list of (line number from 1, text). blank: what counts as a blank line (a
+    maze's row of spaces is data)."""
+    blocks, block = [], []
+    for number, text in enumerate(lines + [""], start=1):
+        if not blank(text):
+            block.append((number, text))
+        elif block:
+            blocks.append(block)
+            block = []
+    return blocks
+
+
 def read_csv(path, required, optional=(), bad=None, strip=True):
     """Rows of a CSV with a header line, as (line number, {column: text}) for the required and optional
     columns present; the text is stripped of surrounding spaces unless strip is False (where spaces are data:

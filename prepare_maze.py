@@ -48,8 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import (BadRows, DataError, check_folder, check_ranges, dataset_path, dihedral, download_once,
-                     exit_cleanly, human_bytes, is_csv_header, metadata, puzzle_arrays, read_csv, resolve_input,
-                     write_atomically, write_dataset)
+                     exit_cleanly, human_bytes, is_csv_header, line_blocks, metadata, puzzle_arrays, read_csv,
+                     resolve_input, write_atomically, write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: 1,000 + 1,000 generated 30x30 mazes, as Maze-Hard's sizes
@@ -285,15 +285,8 @@ def read_mazes(source, side):
     if source.lower().endswith(".csv") and lines:  # a CSV without the original's header would read as text
         raise DataError(f"{source}: a CSV needs a question column (and, to score, answer); its header is "
                         f"{lines[0][:60]!r}")
-    blocks, block = [], []  # runs of non-blank lines: (line number, text)
-    for number, text in enumerate(lines + [""], start=1):
-        if text:
-            block.append((number, text))
-        elif block:
-            blocks.append(block)
-            block = []
     shapes = f"(a maze is {side} lines of {side} characters, or one line of {side * side})"
-    for block in blocks:
+    for block in line_blocks(lines):
         if len(block[0][1]) == side * side:  # one maze per line
             for number, text in block:
                 add(f"{source} line {number}", text)

@@ -27,8 +27,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from dataset import (BadRows, DataError, check_ranges, dataset_path, download_once, exit_cleanly, human_bytes, metadata,
-                     puzzle_arrays, random_relabellings, rank, read_csv, resolve_input, write_dataset)
+from dataset import (BadRows, DataError, check_ranges, dataset_path, download_once, exit_cleanly, human_bytes,
+                     line_blocks, metadata, puzzle_arrays, random_relabellings, rank, read_csv, resolve_input,
+                     write_dataset)
 
 # -----------------------------------------------------------------------------
 # default config values: the HRM paper's Sudoku-Extreme-1k recipe, built from the shipped sample
@@ -151,21 +152,16 @@ def text_puzzles(lines):
     """The puzzles of a text file's lines, for sample.py: one of 81 characters a line, or grids of 9 rows of
     9 with blank lines between them, spaces, '|' and separator lines of '-' and '+' ignored (format_grid's
     output reads back). Returns (line number, text, problem or None) for each, text for parse_puzzle."""
-    puzzles, block = [], []  # block: the run of non-blank lines being read, (line number, text)
-    for number, text in enumerate(lines + [""], start=1):
-        if text.strip():
-            block.append((number, text))
-            continue
+    puzzles, shapes = [], "(a puzzle is 9 rows of 9 characters, or one line of 81)"
+    for block in line_blocks(lines, blank=lambda text: not text.strip()):
         rows = [(n, row.replace(" ", "").replace("|", "")) for n, row in block if not set(row) <= set("-+ ")]
-        shapes = "(a puzzle is 9 rows of 9 characters, or one line of 81)"
-        if block and all(len(row.strip()) <= 21 for _, row in block):  # a grid's rows, drawn with spaces and '|'
+        if all(len(row.strip()) <= 21 for _, row in block):  # a grid's rows, drawn with spaces and '|'
             wrong = next(((n, row) for n, row in rows if len(row) != 9), None)  # named by its own line
             puzzles.append((wrong[0], "", f"a grid row of {len(wrong[1])} characters {shapes}") if wrong else
                            (block[0][0], "".join(row for _, row in rows),
                             None if len(rows) == 9 else f"a grid of {len(rows)} rows {shapes}"))
         else:
             puzzles += [(number, row, None) for number, row in block]
-        block = []
     return puzzles
 
 
