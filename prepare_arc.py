@@ -220,10 +220,12 @@ def read_task(obj, task_id, file, answers=None, need_answers=True):
     return Task(task_id, demos, tests, file)
 
 
-def is_many_tasks(obj):
-    """A JSON object of tasks by id (the Kaggle layout) where one task was expected: a message can say so."""
-    return isinstance(obj, dict) and bool(obj) and 'train' not in obj and \
-        all(isinstance(task, dict) and 'train' in task for task in obj.values())
+def refuse_many_tasks(obj, path, expected, instead):
+    """A DataError where a file holds tasks by id (the Kaggle layout) but one task was expected, saying where
+    (expected) and what to give instead."""
+    if isinstance(obj, dict) and obj and 'train' not in obj and \
+            all(isinstance(task, dict) and 'train' in task for task in obj.values()):
+        raise DataError(f"{path}: a file of {len(obj):,} tasks by id (the Kaggle layout){expected}: {instead}")
 
 
 def read_folder(path, need_answers):
@@ -237,9 +239,7 @@ def read_folder(path, need_answers):
         if task_id in tasks:
             raise DataError(f"{file}: task {task_id} is also {tasks[task_id].where}")
         obj = read_json(file)
-        if is_many_tasks(obj):
-            raise DataError(f"{file}: a file of {len(obj):,} tasks by id (the Kaggle layout) in a folder of one task "
-                            f"a file: give the file itself, not its folder")
+        refuse_many_tasks(obj, file, " in a folder of one task a file", "give the file itself, not its folder")
         tasks[task_id] = read_task(obj, task_id, file, need_answers=need_answers)
     return [tasks[k] for k in sorted(tasks)]
 
@@ -596,9 +596,8 @@ def format_grids(grids, titles, colour=False, width=None):
 def read_task_file(path):
     """One task in the official per-task layout; its test outputs, where present, are the answers."""
     obj = read_json(path)
-    if is_many_tasks(obj):
-        raise DataError(f"{path}: a file of {len(obj):,} tasks by id (the Kaggle layout), not one task: give one "
-                        f"task's JSON file, or a task's id in the dataset's evaluation set")
+    refuse_many_tasks(obj, path, ", not one task",
+                      "give one task's JSON file, or a task's id in the dataset's evaluation set")
     return read_task(obj, os.path.basename(path).removesuffix('.json'), path, need_answers=False)
 
 

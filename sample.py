@@ -414,7 +414,9 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     check_ranges(globals(), [('batch_size', batch_size >= 1, '>= 1'),
                              ('max_puzzles', max_puzzles >= 0, '>= 0 (0: all)'),
-                             ('halt_max_steps', halt_max_steps >= 0, ">= 0 (0: the run's own)")])
+                             ('halt_max_steps', halt_max_steps >= 0, ">= 0 (0: the run's own)"),
+                             ('dtype', dtype in ('float32', 'bfloat16', 'float16'),
+                              "'float32', 'bfloat16' or 'float16'")])
     if show_steps and halt_adaptive:
         raise DataError("show_steps shows every segment of every input: leave halt_adaptive off with it")
     if votes < 1 or (votes > 1 and show_steps):
@@ -422,8 +424,6 @@ if __name__ == '__main__':
     if puzzles and not os.path.isfile(puzzles):
         raise DataError(f"{puzzles}: a directory, not a file of puzzles" if os.path.isdir(puzzles) else
                         f"{puzzles}: no such file")
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise DataError(f"dtype={dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
     check_device(device)
     task, model, forward = load_model()
     a_model = f"{'an' if task[0] in 'aeiou' else 'a'} {task} model"
