@@ -23,7 +23,7 @@ In the order it runs:
 
     python bench.py                                            # Sudoku step, checks, ops
     python bench.py --step=maze --check=False --ops=False      # the step at the Maze shape
-    python bench.py --fp8=True --check=False --ops=False       # and the step with FP8 no-grad matmuls
+    python bench.py --fp8=True --check=False --ops=False       # and the step with HRMConfig.fp8
     python bench.py --batch_size=96 --check=False --ops=False  # one GPU's share of an 8-GPU batch of 768
     python bench.py --compile_mode=reduce-overhead --check=False --ops=False   # the step in CUDA graphs
     python bench.py --compile_mode=max-autotune-no-cudagraphs --step_backends=hopper --check=False --ops=False
@@ -52,7 +52,7 @@ batch_size = 0              # the step's batch; 0 = the shape's (Sudoku 384, Maz
                             # one GPU's share of the paper's 8-GPU batch of 768
 windows = 5                 # timed windows per backend, the backends taking turns
 steps_per_window = 10
-fp8 = False                 # also time the step with HRMConfig.fp8 (the blocks' no-grad matmuls in FP8)
+fp8 = False                 # also time the step with HRMConfig.fp8 (the MLPs' no-grad gate-and-up in FP8)
 step_backends = 'hopper,reference,pytorch'  # whose training step is timed, 'unfused' too if named (the first
                                             # is also FP8's and profiled)
 compile_mode = 'default'    # torch.compile's mode for the step: 'default', 'reduce-overhead' (CUDA graphs),
@@ -113,7 +113,7 @@ BACKENDS = {"hopper": (True, True, True), "unfused": (True, True, False), "refer
             "pytorch": (False, True, True)}
 if not has_hopper:
     del BACKENDS["hopper"], BACKENDS["unfused"]
-# the training step's variants: each backend asked for, and with fp8 the first one's step with FP8 matmuls
+# the training step's variants: each backend asked for, and with fp8 the first one's step with HRMConfig.fp8
 # (the model takes the tuned paths on a Hopper GPU only: on the CPU its hopper step would be the reference one)
 STEP_VARIANTS = {name: (name, False) for name in step_backends.split(',') if name in BACKENDS
                  and not (tiny and name in ('hopper', 'unfused'))}
@@ -237,7 +237,7 @@ def time_train_steps(shape):
               f"({median['unfused'] / median['hopper']:.3f}x) against its matmul apart")
     if fp8:
         exact = STEP_VARIANTS['fp8'][0]
-        print(f"{shape} step: FP8 no-grad matmuls take {median['fp8'] - median[exact]:+.2f} ms "
+        print(f"{shape} step: fp8=True takes {median['fp8'] - median[exact]:+.2f} ms "
               f"({median[exact] / median['fp8']:.3f}x) against the {exact} step")
     if profile:
         first = next(iter(STEP_VARIANTS))

@@ -13,6 +13,12 @@ and a fourth entry point whose kernel lives in kernels_matmul.py, for Hopper GPU
 
     linear_swiglu(x, w)            silu(x w_gate^T) * (x w_up^T): the MLP's matmul with SwiGLU fused after it
 
+With HRMConfig.fp8, where no gradient flows, the MLP's input goes to that matmul in FP8 (e4m3, a scale per
+row, as quantize_rows_fp8 makes it), written by the norm that makes the input:
+
+    add_rms_norm_fp8(x, y, eps)    add_rms_norm's output, and the same in FP8 with its row scales
+    linear_swiglu_fp8(x_fp8, w, dtype)   linear_swiglu from those, w rounded to FP8 the same way
+
 model.py calls only these. Each picks a backend (bottom of this file): the Triton kernels for CUDA tensors
 when triton imports, PyTorch otherwise; set_use_flash(True / False / None) forces the kernels, forces
 PyTorch, or goes back to that automatic choice. On a Hopper GPU the attention
@@ -57,7 +63,8 @@ rope(x): [g1 c + g2 s, g2 c - g1 s]; the kernels rotate dq and dk back as they s
 rotates its own block of q (or k) once, and every tile of the other it loads.
 
 add + RMSNorm. h = x + y (rounded to the input dtype, as the reference), rstd = 1 / sqrt(mean(h^2) + eps),
-out = h * rstd. With g = out the backward is dh = rstd * (dg - g * mean(dg * g)): it reads the saved
+out = h * rstd; for add_rms_norm_fp8 also q = out / s in FP8 with s = max|out| / 448 per row (a program
+holds whole rows, so the maximum costs no extra pass). With g = out the backward is dh = rstd * (dg - g * mean(dg * g)): it reads the saved
 output and rstd (4 bytes a row), not h, and x and y get the same gradient dh.
 
 SwiGLU's backward. With g, u the gate and up halves, s = sigmoid(g) and dh the gradient of silu(g) * u:
@@ -374,11 +381,31 @@ def add_rms_norm_reference(x, y, eps):
     return (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+FP8_MAX = 448.0  # the largest float8 e4m3
+
+
+def quantize_rows_fp8(x):
+    """x (..., K) as float8 e4m3 rows (rows, K) and a float32 scale per row (rows,), x ~ q * scale: each row
+    scaled so that its largest magnitude is FP8_MAX, its own scale, so that one loud row costs no other row its
+    small entries (three mantissa bits: each entry within 2^-4 of itself)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale = rows.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
+    return (rows / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def add_rms_norm_fp8_reference(x, y, eps):
+    """add_rms_norm_reference's output, and that output as quantize_rows_fp8 gives it."""
+    out = add_rms_norm_reference(x, y, eps)
+    return out, quantize_rows_fp8(out)
+
+
 if triton is not None:
+    _FP8_MAX = tl.constexpr(FP8_MAX)
 
     @triton.jit
-    def _add_rms_norm_fwd(X, Y, OUT, RSTD, n_rows, N, stride_x, stride_y, stride_o,
-                          EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _add_rms_norm_fwd(X, Y, OUT, RSTD, Q, Q_SCALE, n_rows, N, stride_x, stride_y, stride_o,
+                          EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
+        """FP8: also each output row in FP8 (contiguous Q) with its scale (quantize_rows_fp8), else Q unused."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_N)
         mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
@@ -386,9 +413,19 @@ if triton is not None:
         y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0)
         h = (x + y).to(tl.float32)  # the sum is rounded to the input dtype first, as in the reference
         rstd = tl.rsqrt(tl.sum(h * h, 1) / N + EPS)
-        tl.store(OUT + rows[:, None] * stride_o + cols[None, :], (h * rstd[:, None]).to(OUT.dtype.element_ty),
-                 mask=mask)
+        out = (h * rstd[:, None]).to(OUT.dtype.element_ty)
+        tl.store(OUT + rows[:, None] * stride_o + cols[None, :], out, mask=mask)
         tl.store(RSTD + rows, rstd, mask=rows < n_rows)
+        if FP8:
+            out = out.to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(out), 1), 1e-12) / _FP8_MAX
+            q = tl.clamp(out / scale[:, None], -_FP8_MAX, _FP8_MAX)
+            # rounded to FP8's three mantissa bits here (to nearest, ties to even), so that the conversion is
+            # exact but below 2^-6: Triton's interpreter rounds without carrying into the exponent (127.4 -> 64)
+            bits = q.to(tl.uint32, bitcast=True)
+            q = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+            tl.store(Q + rows[:, None] * N + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+            tl.store(Q_SCALE + rows, scale, mask=rows < n_rows)
 
     @triton.jit
     def _add_rms_norm_bwd(DOUT, OUT, RSTD, DH, n_rows, N, stride_do, stride_o, stride_dh,
@@ -408,16 +445,24 @@ def _as_rows(x):
     return _unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
+def _add_rms_norm_launch(x2, y2, eps, fp8):
+    """out, rstd and, with fp8, the FP8 rows and their scales (else None, None) of rows x2 + y2."""
+    M, N = x2.shape
+    out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    rstd = torch.empty(M, device=x2.device, dtype=torch.float32)
+    q = torch.empty((M, N), device=x2.device, dtype=torch.float8_e4m3fn) if fp8 else None
+    q_scale = torch.empty(M, device=x2.device, dtype=torch.float32) if fp8 else None
+    # 8 rows and 4 warps a program: at copy speed for 512-wide rows, as were several neighbouring choices
+    _add_rms_norm_fwd[(triton.cdiv(M, 8),)](x2, y2, out, rstd, q if fp8 else out, q_scale if fp8 else rstd, M, N,
+                                            x2.stride(0), y2.stride(0), out.stride(0), EPS=eps, BLOCK_ROWS=8,
+                                            BLOCK_N=triton.next_power_of_2(N), FP8=fp8, num_warps=4)
+    return out, rstd, q, q_scale
+
+
 class AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, eps):
-        x2, y2 = _as_rows(x), _as_rows(y)
-        M, N = x2.shape
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-        # 8 rows and 4 warps a program: at copy speed for 512-wide rows, as were several neighbouring choices
-        _add_rms_norm_fwd[(triton.cdiv(M, 8),)](x2, y2, out, rstd, M, N, x2.stride(0), y2.stride(0), out.stride(0),
-                                                EPS=eps, BLOCK_ROWS=8, BLOCK_N=triton.next_power_of_2(N), num_warps=4)
+        out, rstd, _, _ = _add_rms_norm_launch(_as_rows(x), _as_rows(y), eps, fp8=False)
         ctx.save_for_backward(out, rstd)
         return out.view(x.shape)
 
@@ -449,6 +494,16 @@ def swiglu_reference(gate_up):
     """silu(gate) * up, gate and up the two halves of the last dimension."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def linear_swiglu_fp8_reference(x_fp8, w_fp8, out_dtype):
+    """silu(x w_gate^T) * (x w_up^T) from FP8 rows and their scales ((q, scale) as quantize_rows_fp8 gives
+    them, x's and w's), multiplied in float32 as FP8 tensor cores do; the gate and up rounded to out_dtype,
+    then silu(gate) * up in float32, as kernels_matmul's kernel takes them."""
+    (x, x_scale), (w, w_scale) = x_fp8, w_fp8
+    product = F.linear(x.float() * x_scale[:, None], w.float() * w_scale[:, None])
+    gate, up = product.to(out_dtype).float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(out_dtype)
 
 
 if triton is not None:
@@ -513,7 +568,7 @@ _logged = set()
 
 
 def set_use_flash(flag):
-    """For attention, add_rms_norm, swiglu and linear_swiglu: True forces the Triton kernels wherever they support the call
+    """For every entry point of this module: True forces the Triton kernels wherever they support the call
     (CPU tensors then need TRITON_INTERPRET=1), False forces PyTorch, None (default) uses Triton for CUDA
     tensors when triton imports. A compiled model reads the flag when it is traced."""
     global _use_flash
@@ -561,10 +616,11 @@ def _log_choice(msg):
     comptime(_log_traced_choice, lambda: _log_once(msg))
 
 
-def _interpreter_dtype(x):
-    """Why a call off CUDA (Triton's interpreter) cannot take the kernels, or '': it computes bfloat16 wrongly."""
+def _interpreter_dtype(x, dtype=None):
+    """Why a call off CUDA (Triton's interpreter) computing in dtype (x's by default) cannot take the kernels,
+    or '': it computes bfloat16 wrongly."""
     return "bfloat16 off CUDA: Triton's interpreter computes it wrongly" if not x.is_cuda and \
-        x.dtype == torch.bfloat16 else ""
+        (dtype or x.dtype) == torch.bfloat16 else ""
 
 
 def _pick(x, unsupported):
@@ -596,9 +652,11 @@ def _why_not_hopper(q):
     return ""
 
 
-def _why_not_fused(x, n_out):
-    """'' where kernels_matmul could take the product of x (..., K) with a weight of n_out rows, else why not.
-    Its kernel was written and measured for Hopper GPUs (TMA descriptors); it stores with 32-bit offsets."""
+def _why_not_fused(x, n_out, dtype=None):
+    """'' where kernels_matmul could take the product of x (..., K) with a weight of n_out rows, computing in
+    dtype (x's, or the result's where x is FP8), else why not. Its kernel was written and measured for Hopper
+    GPUs (TMA descriptors); it stores with 32-bit offsets."""
+    dtype = dtype or x.dtype
     if not _use_fused_matmuls:
         return "fused matmuls off by set_use_fused_matmuls(False)"
     if not _use_hopper:
@@ -607,13 +665,13 @@ def _why_not_fused(x, n_out):
         return _matmul_missing
     if x.is_cuda and torch.cuda.get_device_properties(x.device).major != 9:
         return "fused matmuls need a Hopper GPU"
-    if x.is_cuda and x.dtype not in FLASH_DTYPES:
-        return f"dtype {x.dtype} on CUDA, not one of {FLASH_DTYPES}"
-    if x.shape[-1] % 8 or n_out % 8:
-        return "sizes not multiples of 8 (TMA needs rows of 16 bytes)"
+    if x.is_cuda and dtype not in FLASH_DTYPES:
+        return f"dtype {dtype} on CUDA, not one of {FLASH_DTYPES}"
+    if x.shape[-1] * x.element_size() % 16 or n_out % 8:
+        return f"rows of {x.shape[-1]} {x.dtype} or {n_out} outputs not a multiple of 16 bytes or of 8 (TMA)"
     if x.numel() // max(1, x.shape[-1]) * n_out >= 2 ** 31:
         return f"a result of {x.numel() // max(1, x.shape[-1]):,} x {n_out} elements, past 32-bit offsets"
-    return _interpreter_dtype(x)
+    return _interpreter_dtype(x, dtype)
 
 
 def attention(q, k, v, cos=None, sin=None):
@@ -645,6 +703,19 @@ def add_rms_norm(x, y, eps):
     return add_rms_norm_reference(x, y, eps)
 
 
+def add_rms_norm_fp8(x, y, eps):
+    """add_rms_norm where no gradient flows, returning its output also as quantize_rows_fp8 gives it:
+    (out, (q, scale)), for the FP8 product that follows (linear_swiglu_fp8). The kernel writes both at once."""
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        raise ValueError("add_rms_norm_fp8 has no backward: call it where no gradient flows")
+    use, reason = _pick(x, _interpreter_dtype(x))
+    _log_choice(f"add_rms_norm_fp8: {'triton kernel' if use else 'PyTorch'} ({reason})")
+    if not use:
+        return add_rms_norm_fp8_reference(x, y, eps)
+    out, _, q, scale = _add_rms_norm_launch(_as_rows(x), _as_rows(y), float(eps), fp8=True)
+    return out.view(x.shape), (q, scale)
+
+
 def swiglu(gate_up):
     """swiglu_reference, with SwiGLUTriton's backward where a gradient flows and the kernels take the call."""
     if not (torch.is_grad_enabled() and gate_up.requires_grad):
@@ -669,3 +740,16 @@ def linear_swiglu(x, w):
     if use:
         return kernels_matmul.linear_swiglu(x, w)
     return swiglu(F.linear(x, w))
+
+
+def linear_swiglu_fp8(x_fp8, w, out_dtype):
+    """swiglu(x w^T) in out_dtype from x as FP8 rows with their scales ((q, scale) of M rows, as
+    add_rms_norm_fp8 returns them) and w = [w_gate; w_up] (2N, K), quantized here the same way: (M, N).
+    No gradient. kernels_matmul's FP8 kernel where it runs, else the same product on the dequantized operands."""
+    q, scale = x_fp8
+    w_fp8 = quantize_rows_fp8(w)
+    use, reason = _pick(q, _why_not_fused(q, w.shape[0] // 2, out_dtype))
+    _log_choice(f"linear_swiglu_fp8: {'fused triton kernel' if use else 'PyTorch, dequantized'} ({reason})")
+    if use:
+        return kernels_matmul.linear_swiglu_fp8(q, scale, *w_fp8, out_dtype)
+    return linear_swiglu_fp8_reference(x_fp8, w_fp8, out_dtype)

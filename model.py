@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 from dataset import DataError, IGNORE_LABEL_ID, check_ranges  # labels equal to IGNORE_LABEL_ID are not scored
-from kernels import add_rms_norm, attention, linear_swiglu, swiglu
+import kernels
+from kernels import add_rms_norm, add_rms_norm_fp8, attention, linear_swiglu, linear_swiglu_fp8, swiglu
 
 # -----------------------------------------------------------------------------
 # layers
@@ -44,26 +45,8 @@ def trunc_normal_(tensor, std=1.0, lower=-2.0, upper=2.0):
     return tensor.clamp_(lower * scale, upper * scale)
 
 
-FP8_MAX = 448.0  # the largest float8_e4m3fn
-
-
-def fp8_linear(x, weight):
-    """x @ weight^T through float8 (e4m3): each row of x and of weight scaled so that its largest entry is
-    FP8_MAX, rounded to FP8, multiplied (torch._scaled_mm accumulates in float32) and scaled back, in x's
-    dtype. Three mantissa bits: a product's relative error is a few percent, not bfloat16's fraction of one."""
-    rows = x.reshape(-1, x.shape[-1]).float()
-    x_scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    w_scale = weight.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    out = torch._scaled_mm((rows / x_scale).to(torch.float8_e4m3fn),
-                           (weight.float() / w_scale).to(torch.float8_e4m3fn).t(),
-                           scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
 class CastedLinear(nn.Linear):
-    """nn.Linear with float32 master weights, cast to the input's dtype (bfloat16) when used. With `fp8` set
-    (HRMConfig.fp8), a pass without gradient multiplies in FP8 instead."""
-    fp8 = False
+    """nn.Linear with float32 master weights, cast to the input's dtype (bfloat16) when used."""
 
     def reset_parameters(self):
         trunc_normal_(self.weight, std=self.in_features ** -0.5)  # truncated LeCun normal
@@ -71,8 +54,6 @@ class CastedLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
     def forward(self, x):
-        if self.fp8 and not torch.is_grad_enabled():
-            return fp8_linear(x, self.weight)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -133,11 +114,8 @@ class SwiGLU(nn.Module):
         self.down_proj = CastedLinear(inter, hidden_size, bias=False)
 
     def forward(self, x):
-        if self.gate_up_proj.fp8 and not torch.is_grad_enabled():
-            hidden = swiglu(self.gate_up_proj(x))
-        else:  # one fused kernel where kernels.py has one (a Hopper GPU, no gradient)
-            hidden = linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype))
-        return self.down_proj(hidden)
+        # one fused kernel where kernels.py has one (a Hopper GPU, no gradient)
+        return self.down_proj(linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype)))
 
 
 class Block(nn.Module):
@@ -157,12 +135,18 @@ class Block(nn.Module):
             nn.init.zeros_(self.token_mlp.down_proj.weight)
         self.mlp = SwiGLU(config.hidden_size, config.expansion)
         self.eps = config.rms_norm_eps
+        self.fp8 = config.fp8
 
     def forward(self, x, cos_sin):
         if self.mixer == "attention":
             mixed = self.self_attn(x, cos_sin)
         else:
             mixed = self.mix_positions(x)
+        if self.fp8 and not torch.is_grad_enabled():
+            # the MLP's gate-and-up product in FP8: the norm writes its output in FP8 too, a scale per row
+            x, x_fp8 = add_rms_norm_fp8(x, mixed, self.eps)
+            hidden = linear_swiglu_fp8(x_fp8, self.mlp.gate_up_proj.weight, x.dtype)
+            return add_rms_norm(x, self.mlp.down_proj(hidden.view(*x.shape[:-1], -1)), self.eps)
         x = add_rms_norm(x, mixed, self.eps)
         return add_rms_norm(x, self.mlp(x), self.eps)
 
@@ -171,7 +155,7 @@ class Block(nn.Module):
         too, so the result is the same: 82 positions in bfloat16 are 164 bytes, not the multiple of 16 that
         cuBLAS's Hopper kernels need. (The padded copy replaces the one the transpose made.)"""
         T, pad = x.shape[1], -x.shape[1] % 8
-        if pad == 0:  # as it is (FP8, which needs sizes that are multiples of 16, goes this way too)
+        if pad == 0:
             return self.token_mlp(x.transpose(1, 2)).transpose(1, 2)
         gate_up, down = self.token_mlp.gate_up_proj.weight.to(x.dtype), self.token_mlp.down_proj.weight.to(x.dtype)
         hidden = swiglu(F.linear(F.pad(x.transpose(1, 2), (0, pad)), F.pad(gate_up, (0, pad))))
@@ -254,8 +238,8 @@ class HRMConfig:
     halt_exploration_prob: float = 0.1
     grad_L_steps: int = 1           # L steps of the last H cycle that backpropagate: 1 is the paper's 1-step
                                     # gradient, L_cycles TRM's gradient through the whole last cycle
-    fp8: bool = False               # the blocks' matmuls in passes without gradient in FP8: all of the recurrence
-                                    # but its last L and H steps, the Q-continue pass, evaluation
+    fp8: bool = False               # the MLPs' gate-and-up matmul in FP8 in passes without gradient: all of the
+                                    # recurrence but its last L and H steps, the Q-continue pass, evaluation
     act_continue: bool = True       # Q-continue learnt from a bootstrapped second pass; False: halt at Q-halt > 0
     halt_adaptive: bool = False     # in evaluation too, each sequence halts where its Q head says (training always)
     forward_dtype: str = "bfloat16"
@@ -332,15 +316,8 @@ class HRM(nn.Module):
 
         self.H_level = ReasoningModule(config, config.H_layers, max_positions)
         self.L_level = ReasoningModule(config, config.L_layers, max_positions)
-        if config.fp8:  # the blocks' matmuls whose sizes are multiples of 16, as FP8 matmuls need
-            fp8_linears = [m for level in (self.H_level, self.L_level) for m in level.modules()
-                           if isinstance(m, CastedLinear) and m.bias is None
-                           and m.in_features % 16 == m.out_features % 16 == 0]
-            if not fp8_linears:
-                raise DataError(f"fp8=True: no matmul of the blocks has both sizes a multiple of 16, as FP8 needs "
-                                f"(hidden_size={config.hidden_size})")
-            for linear in fp8_linears:
-                linear.fp8 = True
+        if config.fp8 and C % 16:
+            raise DataError(f"fp8=True needs hidden_size a multiple of 16 (FP8 rows of 16 bytes), not {C}")
         # the states every example starts from (fixed random vectors, not trained)
         self.register_buffer("H_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
         self.register_buffer("L_init", trunc_normal_(torch.empty(C), std=1).to(self.forward_dtype))
@@ -1076,28 +1053,18 @@ def check_device(device):
 
 
 def check_fp8(device, dtype):
-    """For fp8=True: FP8 matmuls with a scale per row run on the CPU where torch has them there, and on CUDA
-    GPUs of compute capability 8.9 (Ada, Hopper) or newer, in bfloat16 there; else a DataError saying why."""
+    """For fp8=True: on a GPU kernels_matmul's FP8 kernel, which needs a Hopper GPU (H100, H200) and computes
+    in bfloat16 or float16; on the CPU the same products dequantized, in float32 (slow: for tests and dry
+    runs); MPS has no float8. Else a DataError saying why."""
     if device == "mps":
-        raise DataError("fp8=True: torch has no FP8 matmul on MPS; use device='cuda' or 'cpu'")
-    if device.startswith("cuda"):
-        capability = torch.cuda.get_device_capability(device)
-        if capability < (8, 9):
-            raise DataError(f"fp8=True needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
-        if dtype != "bfloat16":
-            raise DataError(f"fp8=True: on a GPU the FP8 matmuls return bfloat16, so dtype={dtype!r} must be "
-                            f"'bfloat16'")
-    elif error := cpu_fp8_error(getattr(torch, dtype)):
-        raise DataError(f"fp8=True: torch {torch.__version__} cannot multiply in FP8 with a scale per row on the "
-                        f"CPU in {dtype} ({error}); use --fp8=False, a CUDA GPU or another torch")
-
-
-def cpu_fp8_error(dtype):
-    """'' where this torch runs fp8_linear on the CPU for inputs of dtype (torch._scaled_mm with a scale per row:
-    not every version does), else the first line of its error."""
-    try:
-        fp8_linear(torch.ones(16, 16, dtype=dtype), torch.ones(16, 16))
-        return ""
-    except Exception as e:  # whatever the kind: the run could not use it
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError("fp8=True: torch has no float8 on MPS; use device='cuda' or 'cpu'")
+    if not device.startswith("cuda"):
+        return
+    if kernels.kernels_matmul is None:
+        raise DataError(f"fp8=True needs kernels_matmul's FP8 kernel, and {kernels._matmul_missing}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability[0] != 9:
+        raise DataError(f"fp8=True runs an FP8 kernel written for Hopper GPUs (H100, H200); "
+                        f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}")
+    if dtype not in ("bfloat16", "float16"):
+        raise DataError(f"fp8=True computes in bfloat16 or float16 on a GPU, not dtype={dtype!r}")

@@ -91,7 +91,7 @@ variable = ''               # time series: the variable (column) to draw; '' = t
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 compile = False             # torch.compile the model (worth it for thousands of inputs on a GPU)
-fp8 = False                 # the blocks' matmuls in FP8 (train.py's fp8); unset: as the run trained
+fp8 = False                 # the MLPs' gate-and-up matmul in FP8 (train.py's fp8); unset: as the run trained
 weight_average = True       # the average of the weights the run kept (train.py's ema_decay), as it evaluated;
                             # False: the weights as trained
 config_keys = [k for k in globals() if k not in _not_config and not k.startswith('_')]

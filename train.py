@@ -87,7 +87,7 @@ expansion = 4.0
 pos_encodings = 'rope'      # 'rope', 'learned' or 'none'
 mixer = 'attention'         # token mixing: 'attention', or 'mlp' across the positions (TRM's for Sudoku)
 grad_L_steps = 1            # L steps of the last H cycle that backpropagate (1: the paper's 1-step gradient)
-fp8 = False                 # the blocks' matmuls in FP8 where no gradient flows (recurrence, Q-continue, evaluation)
+fp8 = False                 # the MLPs' gate-and-up matmul in FP8 where no gradient flows (recurrence, Q-continue, eval)
 puzzle_emb_ndim = 512       # 0 = no puzzle embedding
 halt_max_steps = 16
 halt_exploration_prob = 0.1
