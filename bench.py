@@ -79,7 +79,10 @@ check_ranges(globals(), [('device', device in ('cuda', 'cpu'), "'cuda' or 'cpu'"
                           "a comma-separated list of 'hopper', 'unfused', 'reference' and 'pytorch'"),
                          ('grad_L_steps', grad_L_steps in (1, 2), "1 or 2 (the step's L_cycles is 2)"),
                          ('mixer', mixer in ('attention', 'mlp'), "'attention' or 'mlp'"),
-                         ('profile', not profile or step != 'none', "False with step='none' (no step to profile)")])
+                         ('profile', not profile or step != 'none', "False with step='none' (no step to profile)"),
+                         ('fp8', not fp8 or device == 'cpu' or step_backends.split(',')[0] == 'hopper',
+                          "False unless step_backends begins with 'hopper' (FP8 runs with the first one, and its "
+                          "kernel is a tuned path: with the others a GPU would multiply it dequantized, in float32)")])
 if device == 'cuda' and not torch.cuda.is_available():
     raise DataError("device='cuda', but torch sees no CUDA GPU; --device=cpu runs a dry run under Triton's interpreter")
 # -----------------------------------------------------------------------------

@@ -419,7 +419,8 @@ if triton is not None:
         if FP8:
             out = out.to(tl.float32)
             scale = tl.maximum(tl.max(tl.abs(out), 1), 1e-12) / _FP8_MAX
-            q = tl.clamp(out / scale[:, None], -_FP8_MAX, _FP8_MAX)
+            # div_rn: rounded as PyTorch's division is (Triton's `/` on float32 is approximate)
+            q = tl.clamp(tl.math.div_rn(out, scale[:, None]), -_FP8_MAX, _FP8_MAX)
             # rounded to FP8's three mantissa bits here (to nearest, ties to even), so that the conversion is
             # exact but below 2^-6: Triton's interpreter rounds without carrying into the exponent (127.4 -> 64)
             bits = q.to(tl.uint32, bitcast=True)

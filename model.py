@@ -1054,8 +1054,8 @@ def check_device(device):
 
 def check_fp8(device, dtype):
     """For fp8=True: on a GPU kernels_matmul's FP8 kernel, which needs a Hopper GPU (H100, H200) and computes
-    in bfloat16 or float16; on the CPU the same products dequantized, in float32 (slow: for tests and dry
-    runs); MPS has no float8. Else a DataError saying why."""
+    in bfloat16 or float16; on the CPU, in any dtype, the same products dequantized and multiplied in float32
+    (slow: for tests and dry runs); MPS has no float8. Else a DataError saying why."""
     if device == "mps":
         raise DataError("fp8=True: torch has no float8 on MPS; use device='cuda' or 'cpu'")
     if not device.startswith("cuda"):

@@ -171,7 +171,7 @@ def run(model, forward, tokens, puzzle_identifiers=None):
     rate = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"  # a slow run on a CPU still shows its rate
     print(f"{len(tokens):,} input(s) in {seconds:.2f} s ({rate}/s), "
           f"{segments.mean():.2f} segments on average" + (' (halting adaptively)' if halt_adaptive else '')
-          + (', FP8 matmuls' if model.config.fp8 else ''))
+          + (', FP8 gate-and-up' if model.config.fp8 else ''))
     return predictions[None], q_halt[None], segments
 
 

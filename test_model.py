@@ -665,10 +665,14 @@ def test_fp8_covers_the_mlp_in_the_no_grad_passes_only():
     exact, fp8 = HRM(config).train(), HRM(dataclasses.replace(config, fp8=True)).train()
     fp8.load_state_dict(exact.state_dict())
     block_in = torch.randn(4, 17, 64)
+    attended = []  # the first block's attention, the same input in both: not FP8, the same output
+    for model in (exact, fp8):
+        model.L_level.layers[0].self_attn.register_forward_hook(lambda module, args, out: attended.append(out))
     with torch.no_grad():  # a pass without gradient: FP8, close to the exact one (e4m3 rounds each operand by up
         # to 2^-4; through these blocks that measures 3-5% over seeds 0-11)
         a, b = exact.L_level(block_in, block_in, None), fp8.L_level(block_in, block_in, None)
         assert not torch.equal(a, b) and (a - b).norm() / a.norm() < 0.1
+    assert len(attended) == 2 and torch.equal(*attended)
     assert torch.equal(exact.L_level(block_in, block_in, None), fp8.L_level(block_in, block_in, None))  # with grad
     batch = random_batch(config)
     (_, loss_exact, _, _), (_, loss_fp8, _, _) = (m(m.initial_carry(batch), batch) for m in (exact, fp8))
@@ -4361,6 +4365,8 @@ def test_bench_dry_run_of_the_cuda_graph_mode_copies_the_carry_between_steps(tmp
     # bfloat16, the GPU's default, is refused on the CPU (the interpreter's bfloat16 would compare garbage)
     one_line_error(run_script("bench.py", ["--device=cpu"], cwd=tmp_path, check=False),
                    "dtype='bfloat16': must be 'bfloat16' or 'float16' (on the CPU 'float16'")
+    one_line_error(run_script("bench.py", ["--fp8=True", "--step_backends=pytorch,hopper"], cwd=tmp_path, check=False),
+                   "fp8=True: must be False unless step_backends begins with 'hopper'")
 
 
 def test_every_recipe_in_config_is_accepted(tmp_path):
