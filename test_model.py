@@ -1499,8 +1499,8 @@ def test_dataset_dir_reads_names_and_paths(tmp_path, monkeypatch):
     assert dataset.dataset_dir("nothing") == os.path.join("data", "nothing")
     with pytest.raises(dataset.DataError) as e:
         dataset.dataset_dir(os.path.join("ds", "train"))
-    assert str(e.value) == (f"dataset='ds/train': data/ds/train is the train split of the dataset data/ds; give the "
-                            f"dataset's folder")
+    assert str(e.value) == ("dataset='ds/train': data/ds/train is the train split of the dataset data/ds; give the "
+                            "dataset's folder")
 
 
 def test_a_directory_that_is_not_a_dataset_is_never_replaced(tmp_path):
