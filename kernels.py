@@ -64,8 +64,9 @@ rotates its own block of q (or k) once, and every tile of the other it loads.
 
 add + RMSNorm. h = x + y (rounded to the input dtype, as the reference), rstd = 1 / sqrt(mean(h^2) + eps),
 out = h * rstd; for add_rms_norm_fp8 also q = out / s in FP8 with s = max|out| / 448 per row (a program
-holds whole rows, so the maximum costs no extra pass). With g = out the backward is dh = rstd * (dg - g * mean(dg * g)): it reads the saved
-output and rstd (4 bytes a row), not h, and x and y get the same gradient dh.
+holds whole rows, so the maximum costs no extra pass). With g = out the backward is
+dh = rstd * (dg - g * mean(dg * g)): it reads the saved output and rstd (4 bytes a row), not h, and x and y
+get the same gradient dh.
 
 SwiGLU's backward. With g, u the gate and up halves, s = sigmoid(g) and dh the gradient of silu(g) * u:
 dg = dh * u * s * (1 + g * (1 - s)), du = dh * g * s, both halves of a tile from one load of g, u and dh.
@@ -421,8 +422,9 @@ if triton is not None:
             scale = tl.maximum(tl.max(tl.abs(out), 1), 1e-12) / _FP8_MAX
             # div_rn: rounded as PyTorch's division is (Triton's `/` on float32 is approximate)
             q = tl.clamp(tl.math.div_rn(out, scale[:, None]), -_FP8_MAX, _FP8_MAX)
-            # rounded to FP8's three mantissa bits here (to nearest, ties to even), so that the conversion is
-            # exact but below 2^-6: Triton's interpreter rounds without carrying into the exponent (127.4 -> 64)
+            # rounded to FP8's three mantissa bits here (to nearest, ties to even), so that the conversion only
+            # rounds FP8's subnormals (below 2^-6): Triton's interpreter rounds without carrying into the
+            # exponent (127.4 -> 64)
             bits = q.to(tl.uint32, bitcast=True)
             q = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
             tl.store(Q + rows[:, None] * N + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
