@@ -113,9 +113,12 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = CastedLinear(hidden_size, 2 * inter, bias=False)
         self.down_proj = CastedLinear(inter, hidden_size, bias=False)
 
-    def forward(self, x):
-        # one fused kernel where kernels.py has one (a Hopper GPU, no gradient)
-        return self.down_proj(linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype)))
+    def forward(self, x, x_fp8=None):
+        if x_fp8 is not None:  # x also as FP8 rows with their scales (HRMConfig.fp8): the gate and up in FP8
+            hidden = linear_swiglu_fp8(x_fp8, self.gate_up_proj.weight, x.dtype).view(*x.shape[:-1], -1)
+        else:  # one fused kernel where kernels.py has one (a Hopper GPU, no gradient)
+            hidden = linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype))
+        return self.down_proj(hidden)
 
 
 class Block(nn.Module):
@@ -142,13 +145,11 @@ class Block(nn.Module):
             mixed = self.self_attn(x, cos_sin)
         else:
             mixed = self.mix_positions(x)
-        if self.fp8 and not torch.is_grad_enabled():
-            # the MLP's gate-and-up product in FP8: the norm writes its output in FP8 too, a scale per row
+        if self.fp8 and not torch.is_grad_enabled():  # the norm writes its output in FP8 too, for the MLP
             x, x_fp8 = add_rms_norm_fp8(x, mixed, self.eps)
-            hidden = linear_swiglu_fp8(x_fp8, self.mlp.gate_up_proj.weight, x.dtype)
-            return add_rms_norm(x, self.mlp.down_proj(hidden.view(*x.shape[:-1], -1)), self.eps)
-        x = add_rms_norm(x, mixed, self.eps)
-        return add_rms_norm(x, self.mlp(x), self.eps)
+        else:
+            x, x_fp8 = add_rms_norm(x, mixed, self.eps), None
+        return add_rms_norm(x, self.mlp(x, x_fp8), self.eps)
 
     def mix_positions(self, x):
         """The SwiGLU across positions on x (B, T, C), with T zero-padded to a multiple of 8 inside, its weights
