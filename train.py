@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -381,14 +382,21 @@ def gather(tensor):
     return out
 
 
-def leave_process_group():
-    """Under torchrun: wait until every process is past its last collective, then leave the group. Gloo's
-    group is left to the process's exit: destroying it, even after the barrier, aborted one process in about
-    ten runs on busy CPUs ('terminate called without an active exception'), and none in 24 without."""
+def finish_run():
+    """End the process once its work is done. Under torchrun every process first waits at a barrier until all
+    are past their last collective. Gloo's processes then end at once, without Python's and C++'s teardown:
+    that teardown, with or without destroying the group first, aborted a process now and then on busy CPUs
+    ('terminate called without an active exception', a gloo thread still running), failing a finished run."""
+    if wandb_log and master_process:
+        wandb.finish()
     if ddp:
         dist.barrier()
-        if backend != 'gloo':
-            dist.destroy_process_group()
+        if backend == 'gloo':
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        dist.destroy_process_group()
+    raise SystemExit
 
 
 def to_device(batch):
@@ -575,8 +583,7 @@ if wandb_log and master_process:
 
 if eval_only:
     log_eval(iter_num, final=True)
-    leave_process_group()
-    raise SystemExit
+    finish_run()
 
 # -----------------------------------------------------------------------------
 # the training loop
@@ -674,4 +681,4 @@ while iter_num < stop_step:
             save_checkpoint()
         t0 = time.time()  # evaluation time is not training time
 progress.close()
-leave_process_group()
+finish_run()
